@@ -1,0 +1,153 @@
+"""Shared experiment plumbing: per-step seeds, atomic results files, CLI argument types, clean errors."""
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class ExperimentError(Exception):
+    """A failure to report as one line ('error: ...') with exit status 1."""
+
+
+class DivergenceError(ExperimentError):
+    """The objective became NaN or infinite."""
+
+
+def step_rng(seed, step, *keys):
+    """RandomState derived from (seed, step, *keys): the same numbers for the same step, in any run."""
+    entropy = np.random.SeedSequence([int(seed), int(step), *map(int, keys)]).generate_state(1)[0]
+    return np.random.RandomState(entropy)
+
+
+def check_finite(value, step, what="objective"):
+    """Raise DivergenceError when value (scalar or array) has a NaN or infinity."""
+    if not np.all(np.isfinite(value)):
+        raise DivergenceError(f"{what} is not finite at step {step} (diverged; try a smaller step size)")
+
+
+# -------------------------------------------------------------------------------------- atomic I/O
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + "-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _to_jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_results(out_dir, name, summary, arrays):
+    """Write <out_dir>/results/<name>.json (summary, with config) and .npz (arrays), atomically."""
+    results_dir = Path(out_dir) / "results"
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(results_dir / f"{name}.npz", buf.getvalue())
+    text = json.dumps(_to_jsonable(summary), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(results_dir / f"{name}.json", text.encode())
+    return results_dir / f"{name}.json", results_dir / f"{name}.npz"
+
+
+def load_results(out_dir, name):
+    """Read back (summary dict, arrays dict) saved by save_results; never unpickles."""
+    results_dir = Path(out_dir) / "results"
+    try:
+        summary = json.loads((results_dir / f"{name}.json").read_text())
+        with np.load(results_dir / f"{name}.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError as err:
+        raise ExperimentError(f"no saved results to replot: {err.filename} is missing (run without --replot)") from None
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise ExperimentError(f"saved results in {results_dir} are unreadable ({err})") from None
+    return summary, arrays
+
+
+# ------------------------------------------------------------------------------------ CLI helpers
+
+def positive_int(text):
+    """argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def nonnegative_int(text):
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
+
+
+def experiment_parser(description, default_iters=None):
+    """argparse parser with the flags every experiment script shares."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (well under a minute)")
+    if default_iters is not None:
+        parser.add_argument("--iters", type=positive_int, default=None,
+                            help=f"training steps (default {default_iters})")
+    parser.add_argument("--seed", type=nonnegative_int, default=7, help="random seed (default 7)")
+    parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $MNIST_DIR or code/data)")
+    parser.add_argument("--out-dir", default=None, help="figure folder (default: the repository's paper/)")
+    parser.add_argument("--replot", action="store_true", help="redraw figures from saved results, no training")
+    parser.add_argument("--log-every", type=positive_int, default=None, help="steps between progress lines")
+    parser.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tests: synthetic data
+    return parser
+
+
+def run_main(main, argv=None):
+    """Call main(argv); report expected failures as one 'error: ...' line and exit status 1."""
+    from data_loader import MNISTError
+
+    try:
+        return main(argv)
+    except (ExperimentError, MNISTError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

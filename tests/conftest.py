@@ -1,0 +1,31 @@
+"""Shared fixtures: real MNIST when MNIST_DIR is set, a small synthetic stand-in always."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CODE = REPO / "code"
+
+
+@pytest.fixture(scope="session")
+def mnist_dir():
+    """Folder of the real MNIST files; skips the test when MNIST_DIR is not set."""
+    path = os.environ.get("MNIST_DIR")
+    if not path:
+        pytest.skip("MNIST_DIR is not set")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def mnist(mnist_dir):
+    from data_loader import load_mnist
+
+    return load_mnist(mnist_dir, allow_download=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    from data_loader import synthetic_mnist
+
+    return synthetic_mnist()
