@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def load_results(out_dir, name):
             arrays = {k: npz[k] for k in npz.files}
     except FileNotFoundError as err:
         raise ExperimentError(f"no saved results to replot: {err.filename} is missing (run without --replot)") from None
-    except (ValueError, OSError, json.JSONDecodeError) as err:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as err:  # JSONDecodeError is a ValueError
         raise ExperimentError(f"saved results in {results_dir} are unreadable ({err})") from None
     return summary, arrays
 

@@ -5,12 +5,14 @@ Run as a script to verify (or fetch) the four files:  python data_loader.py [--d
 import argparse
 import gzip
 import hashlib
+import http.client
 import os
 import struct
 import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -109,7 +111,7 @@ def decompress(data, name):
         return data
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError, ValueError) as err:
+    except (OSError, EOFError, ValueError, zlib.error) as err:  # zlib.error: damaged deflate stream
         raise MNISTError(f"{name}: corrupt or truncated gzip data ({err})") from None
 
 
@@ -134,12 +136,16 @@ def read_idx_file(path, spec):
 
 def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
     """Fetch spec's .gz from the first mirror that serves valid content; atomic, verified before rename."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir)
     target = data_dir / (spec.name + ".gz")
     failures = []
     for mirror in mirrors:
         url = mirror + spec.name + ".gz"
-        fd, tmp = tempfile.mkstemp(prefix=".part-" + spec.name, dir=data_dir)
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".part-" + spec.name, dir=data_dir)
+        except OSError as err:
+            raise MNISTError(f"{spec.name}: cannot write into {data_dir} ({err.strerror or err})") from None
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
                 while chunk := response.read(1 << 20):
@@ -147,7 +153,9 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
             parse_idx(decompress(Path(tmp).read_bytes(), spec.name), spec)  # verify before keeping it
             os.replace(tmp, target)
             return target
-        except (urllib.error.URLError, OSError, MNISTError, ValueError) as err:
+        except urllib.error.HTTPError as err:
+            failures.append(f"{url} (HTTP {err.code} {err.reason})")
+        except (urllib.error.URLError, OSError, http.client.HTTPException, MNISTError, ValueError) as err:
             reason = getattr(err, "reason", None) or err
             failures.append(f"{url} ({reason})")
         finally:
@@ -249,7 +257,7 @@ def main(argv=None):
             path = fetch_file(key, data_dir)
             array = read_idx_file(path, spec)
             print(f"ok  {path}  {array.shape[0]} {'images' if array.ndim == 3 else 'labels'}  sha256 {spec.sha256[:12]}")
-    except MNISTError as err:
+    except (MNISTError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
