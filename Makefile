@@ -1,12 +1,20 @@
 # Reproduction of "Stochastic Hyperparameter Optimization through Hypernetworks" (Lorraine & Duvenaud, 2018).
 #   make reproduce   every figure at default settings, the numbers, and paper/main.pdf
 #   make test        the test suite
+#   make quick       the same pipeline with --quick everywhere, into build/quick/ (paper/ is never touched)
+#   make paper       paper/results.tex from paper/results/*.json, then paper/main.pdf
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint data
+# Every experiment script; each writes paper/<figure>.pdf|png and paper/results/<script>.json|npz.
+EXPERIMENTS := loss_manifold hypernets_global_small hypernets_local_small learn_vs_true_loss_scatter \
+               hypernets_local_large compare_number_layers hypernets_local_medium
+QUICK_DIR   := $(CURDIR)/build/quick
+LATEXMK     := latexmk -pdf -interaction=nonstopmode -halt-on-error
+
+.PHONY: venv test lint data figures results-tex paper reproduce quick
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -23,3 +31,23 @@ lint: venv
 
 data: venv
 	cd code && ../$(PY) data_loader.py
+
+figures: venv data
+	@set -e; for s in $(EXPERIMENTS); do echo "== $$s.py"; $(PY) code/$$s.py; done
+	$(PY) code/learn_vs_true_loss_scatter.py --table
+
+results-tex: venv
+	$(PY) code/make_results_tex.py
+
+paper: results-tex
+	cd paper && $(LATEXMK) main.tex
+
+reproduce: venv data figures paper
+
+quick: venv data
+	@set -e; for s in $(EXPERIMENTS); do echo "== $$s.py --quick"; $(PY) code/$$s.py --quick --out-dir $(QUICK_DIR); done
+	$(PY) code/learn_vs_true_loss_scatter.py --quick --table --out-dir $(QUICK_DIR)
+	cp paper/main.tex paper/main_bib.bib $(QUICK_DIR)/
+	$(PY) code/make_results_tex.py --results-dir $(QUICK_DIR)/results --out $(QUICK_DIR)/results.tex
+	cd $(QUICK_DIR) && $(LATEXMK) main.tex
+	@echo "quick paper: $(QUICK_DIR)/main.pdf"
