@@ -256,7 +256,8 @@ def main(argv=None):
         for key, spec in FILES.items():
             path = fetch_file(key, data_dir)
             array = read_idx_file(path, spec)
-            print(f"ok  {path}  {array.shape[0]} {'images' if array.ndim == 3 else 'labels'}  sha256 {spec.sha256[:12]}")
+            kind = "images" if array.ndim == 3 else "labels"
+            print(f"ok  {path}  {array.shape[0]} {kind}  sha256 {spec.sha256[:12]}")
     except (MNISTError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

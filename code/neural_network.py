@@ -15,12 +15,12 @@ LOG_SIGMA_CONST = np.log(0.1) + 0.5 * np.log(2 * np.pi)  # -log N(t|y,0.1) = 50 
 def init_mlp(layer_sizes, init_scale, rs):
     """[(W (m, n), b (n,)), ...] drawn from init_scale * N(0, 1) with RandomState rs (W before b per layer)."""
     return [(init_scale * rs.randn(m, n), init_scale * rs.randn(n))
-            for m, n in zip(layer_sizes[:-1], layer_sizes[1:])]
+            for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False)]
 
 
 def num_params(layer_sizes):
     """Number of scalars in an MLP with these layer sizes."""
-    return sum(m * n + n for m, n in zip(layer_sizes[:-1], layer_sizes[1:]))
+    return sum(m * n + n for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False))
 
 
 def flatten_params(params):
@@ -31,7 +31,7 @@ def flatten_params(params):
 def unflatten_batch(flat, layer_sizes):
     """(K, P) flat weight sets -> [(W (K, m, n), b (K, n)), ...]; differentiable."""
     K, params, start = flat.shape[0], [], 0
-    for m, n in zip(layer_sizes[:-1], layer_sizes[1:]):
+    for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False):
         W = np.reshape(flat[:, start:start + m * n], (K, m, n))
         start += m * n
         b = flat[:, start:start + n]
@@ -70,9 +70,9 @@ def batched_linear(inputs, W, b):
     """K affine maps at once: inputs (N, D) shared or (K, N, D), W (K, D, O), b (K, O) -> (K, N, O)."""
     if inputs.ndim == 2:
         # One GEMM against all K weight matrices side by side: (N, D) @ (D, K*O).
-        K, D, O = W.shape
-        wide = np.reshape(np.transpose(W, (1, 0, 2)), (D, K * O))
-        out = np.transpose(np.reshape(np.dot(inputs, wide), (inputs.shape[0], K, O)), (1, 0, 2))
+        K, D, n_out = W.shape
+        wide = np.reshape(np.transpose(W, (1, 0, 2)), (D, K * n_out))
+        out = np.transpose(np.reshape(np.dot(inputs, wide), (inputs.shape[0], K, n_out)), (1, 0, 2))
     else:
         out = np.matmul(inputs, W)
     return out + b[:, None, :]
