@@ -13,6 +13,10 @@ EXPERIMENTS := loss_manifold hypernets_global_small hypernets_local_small learn_
                hypernets_local_large compare_number_layers hypernets_local_medium
 QUICK_DIR   := $(CURDIR)/build/quick
 LATEXMK     := latexmk -pdf -interaction=nonstopmode -halt-on-error
+# $(call run_experiments,FLAGS): every script with FLAGS; the scatter script also writes the GP-vs-hypernet table.
+run_experiments = set -e; for s in $(EXPERIMENTS); do \
+	  extra=; if [ $$s = learn_vs_true_loss_scatter ]; then extra=--table; fi; \
+	  echo "== $$s.py $$extra $(1)"; $(PY) code/$$s.py $$extra $(1); done
 
 .PHONY: venv test lint data figures results-tex paper reproduce quick
 
@@ -33,8 +37,7 @@ data: venv
 	cd code && ../$(PY) data_loader.py
 
 figures: venv data
-	@set -e; for s in $(EXPERIMENTS); do echo "== $$s.py"; $(PY) code/$$s.py; done
-	$(PY) code/learn_vs_true_loss_scatter.py --table
+	@$(call run_experiments,)
 
 results-tex: venv
 	$(PY) code/make_results_tex.py
@@ -45,8 +48,7 @@ paper: results-tex
 reproduce: venv data figures paper
 
 quick: venv data
-	@set -e; for s in $(EXPERIMENTS); do echo "== $$s.py --quick"; $(PY) code/$$s.py --quick --out-dir $(QUICK_DIR); done
-	$(PY) code/learn_vs_true_loss_scatter.py --quick --table --out-dir $(QUICK_DIR)
+	@$(call run_experiments,--quick --out-dir $(QUICK_DIR))
 	cp paper/main.tex paper/main_bib.bib $(QUICK_DIR)/
 	$(PY) code/make_results_tex.py --results-dir $(QUICK_DIR)/results --out $(QUICK_DIR)/results.tex
 	cd $(QUICK_DIR) && $(LATEXMK) main.tex
