@@ -1,0 +1,72 @@
+"""loss_manifold.py: the analytic curves, the minimisers against a dense search, figures and JSON."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import loss_manifold as lm
+from conftest import CODE
+
+
+def dense_argmin(fun, low, high, points=2_000_001):
+    grid = np.linspace(low, high, points, endpoint=False)
+    return grid[np.argmin(fun(grid))]
+
+
+def test_best_response_minimises_training_loss():
+    lam = np.linspace(-np.pi, np.pi, 37)
+    w = np.linspace(-3, 3, 60001)[:, None]
+    grid_best = w[np.argmin(lm.train_loss(w, lam[None, :]), axis=0), 0]
+    np.testing.assert_allclose(grid_best, lm.best_response(lam), atol=1e-3)
+    np.testing.assert_allclose(lm.hypernet_response(lam), -lam)
+
+
+def test_minimisers_match_dense_search():
+    c = lm.Config()
+    summary, _ = lm.run(c)
+    dense = dense_argmin(lambda x: lm.valid_loss(lm.best_response(x)), c.lam_low, c.lam_high)
+    dense_phi = dense_argmin(lambda x: lm.valid_loss(lm.hypernet_response(x)), c.phi_low, c.phi_high)
+    assert summary["lambda_star"] == pytest.approx(dense, abs=1e-5)
+    assert summary["lambda_phi_star"] == pytest.approx(dense_phi, abs=1e-5)
+    # Analytically both are pi/2: w*(pi/2) = -1 is the lowest w* reaches; w_phi(pi/2) = -pi/2 minimises sin.
+    assert summary["lambda_star"] == pytest.approx(np.pi / 2, abs=1e-5)
+    assert summary["valid_loss_at_lambda_star"] == pytest.approx(np.sin(-1.0), abs=1e-9)
+    assert summary["valid_loss_at_lambda_phi_star"] == pytest.approx(-1.0, abs=1e-9)
+
+
+def test_minimiser_respects_range():
+    # On a range that stops before pi/2 the minimum of sin(-lambda) is at the upper end.
+    best = lm.minimise_along(lm.hypernet_response, -1.0, 1.0, 1001)
+    assert best == pytest.approx(1.0, abs=1e-6) and best <= 1.0
+
+
+def test_grid_matches_spec():
+    _, arrays = lm.run(lm.Config())
+    assert arrays["w"].shape == (100,) and arrays["lam"].shape == (100,)
+    assert arrays["train_surface"].shape == (100, 100)
+    assert arrays["lam_phi"].min() >= -np.pi / 1.61 and arrays["lam_phi"].max() < np.pi / 1.65
+
+
+def test_script_end_to_end_and_replot(tmp_path):
+    cmd = [sys.executable, str(CODE / "loss_manifold.py"), "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    names = [f"{n}.{e}" for n in ("train_loss_manifold", "valid_loss_manifold") for e in ("pdf", "png")]
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 1000
+    summary = json.loads((tmp_path / "results" / "loss_manifold.json").read_text())
+    assert {"lambda_star", "lambda_phi_star"} <= set(summary)
+    for name in names:
+        (tmp_path / name).unlink()
+    out = subprocess.run(cmd + ["--replot"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert all((tmp_path / name).exists() for name in names)
+
+
+def test_replot_without_results_is_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, str(CODE / "loss_manifold.py"), "--out-dir", str(tmp_path), "--replot"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
