@@ -37,9 +37,48 @@ def adam_init(flat_params):
     return AdamState(np.zeros_like(flat_params), np.zeros_like(flat_params), 0)
 
 
+ADAM_BLOCK = 1 << 14  # elements per block of _adam_into: a block's temporaries stay in the CPU cache
+
+
+def _adam_into(x, g, m, v, t, step_size, b1, b2, eps, x_out, m_out, v_out):
+    """Adam step t on 1-D float64 arrays, written into x_out, m_out, v_out block by block.
+
+    The arithmetic is the textbook formula of adam_update, operation for operation, so the results are
+    bitwise equal to it; working in cache-sized blocks without temporaries of full size makes it several
+    times faster on millions of weights (it is memory-bound)."""
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    tmp = np.empty(min(ADAM_BLOCK, x.size))
+    for start in range(0, x.size, ADAM_BLOCK):
+        block = slice(start, start + ADAM_BLOCK)
+        mb, vb, xb, gb = m_out[block], v_out[block], x_out[block], g[block]
+        tb = tmp[:len(gb)]
+        np.multiply(gb, 1 - b1, out=mb)        # m = (1 - b1) g + b1 m
+        np.multiply(m[block], b1, out=tb)
+        mb += tb
+        np.square(gb, out=vb)                  # v = (1 - b2) g^2 + b2 v
+        vb *= 1 - b2
+        np.multiply(v[block], b2, out=tb)
+        vb += tb
+        np.divide(vb, c2, out=tb)              # sqrt(v_hat) + eps
+        np.sqrt(tb, out=tb)
+        tb += eps
+        np.divide(mb, c1, out=xb)              # x - step_size * m_hat / (sqrt(v_hat) + eps)
+        xb *= step_size
+        xb /= tb
+        np.subtract(x[block], xb, out=xb)
+
+
+def _is_flat_float(*arrays):
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.ndim == 1 for a in arrays)
+
+
 def adam_update(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
-    """One bias-corrected Adam step on flat arrays: returns (new x, new state)."""
+    """One bias-corrected Adam step on flat arrays: returns (new x, new state); the inputs are not modified."""
     t = state.step + 1
+    if _is_flat_float(x, g, state.m, state.v) and x.shape == g.shape == state.m.shape == state.v.shape:
+        x_new, m, v = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+        _adam_into(x, g, state.m, state.v, t, step_size, b1, b2, eps, x_new, m, v)
+        return x_new, AdamState(m, v, t)
     m = (1 - b1) * g + b1 * state.m
     v = (1 - b2) * g ** 2 + b2 * state.v
     m_hat = m / (1 - b1 ** t)
@@ -47,18 +86,72 @@ def adam_update(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
     return x - step_size * m_hat / (np.sqrt(v_hat) + eps), AdamState(m, v, t)
 
 
+def _leaves(tree):
+    """Arrays of a list/tuple/array tree in autograd.misc.flatten's order, or None for other containers."""
+    if isinstance(tree, (list, tuple)):
+        leaves = []
+        for item in tree:
+            sub = _leaves(item)
+            if sub is None:
+                return None
+            leaves.extend(sub)
+        return leaves
+    if isinstance(tree, np.ndarray):
+        return [tree]
+    return None
+
+
+def _rebuild(tree, flat, start):
+    """Container like tree whose arrays are reshaped views of flat from start on; returns (tree, end)."""
+    if isinstance(tree, np.ndarray):
+        return np.reshape(flat[start:start + tree.size], tree.shape), start + tree.size
+    items = []
+    for item in tree:
+        rebuilt, start = _rebuild(item, flat, start)
+        items.append(rebuilt)
+    return type(tree)(items), start
+
+
+def _flatten(tree):
+    """(flat float64 vector, unflatten) like autograd.misc.flatten, but unflatten returns views.
+
+    autograd's unflatten is a traced backward pass that allocates and adds full-size arrays every call;
+    for list/tuple trees of float64 arrays this version is a concatenation once and slicing afterwards."""
+    leaves = _leaves(tree)
+    if not leaves or any(leaf.dtype != np.float64 for leaf in leaves):
+        return flatten(tree)
+    flat = np.concatenate([np.ravel(leaf) for leaf in leaves])
+    return flat, lambda vector: _rebuild(tree, vector, 0)[0]
+
+
+def _adam_tree_update(flat_x, g_tree, state, step_size, b1, b2, eps):
+    """adam_update(flat_x, flatten(g_tree), state) without concatenating the gradient leaves first."""
+    leaves = _leaves(g_tree)
+    if (leaves is None or not _is_flat_float(flat_x, state.m, state.v)
+            or any(leaf.dtype != np.float64 for leaf in leaves) or sum(leaf.size for leaf in leaves) != flat_x.size):
+        return adam_update(flat_x, flatten(g_tree)[0], state, step_size, b1, b2, eps)
+    t = state.step + 1
+    x_new, m, v = np.empty_like(flat_x), np.empty_like(flat_x), np.empty_like(flat_x)
+    start = 0
+    for leaf in leaves:
+        part = slice(start, start + leaf.size)
+        _adam_into(flat_x[part], np.ravel(leaf), state.m[part], state.v[part], t, step_size, b1, b2, eps,
+                   x_new[part], m[part], v[part])
+        start += leaf.size
+    return x_new, AdamState(m, v, t)
+
+
 def adam_with_state(grad, x0, callback=None, num_iters=100, step_size=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                     state=None):
     """Adam from optional saved state; returns (params, state). grad and callback see the global step index."""
-    flat_x, unflatten = flatten(x0)
+    flat_x, unflatten = _flatten(x0)
     state = adam_init(flat_x) if state is None else state
     for _ in range(num_iters):
         i = state.step
         g_tree = grad(unflatten(flat_x), i)
         if callback:
             callback(unflatten(flat_x), i, g_tree)
-        flat_g, _ = flatten(g_tree)
-        flat_x, state = adam_update(flat_x, flat_g, state, step_size, b1, b2, eps)
+        flat_x, state = _adam_tree_update(flat_x, g_tree, state, step_size, b1, b2, eps)
     return unflatten(flat_x), state
 
 
@@ -69,12 +162,12 @@ def adam(grad, x0, callback=None, num_iters=100, step_size=1e-4, b1=0.9, b2=0.99
 
 def sgd(grad, x0, callback=None, num_iters=100, step_size=1e-4, start=0):
     """Plain gradient descent without momentum, x -= step_size * g; step indices start at `start`."""
-    flat_x, unflatten = flatten(x0)
+    flat_x, unflatten = _flatten(x0)
     for i in range(start, start + num_iters):
         g_tree = grad(unflatten(flat_x), i)
         if callback:
             callback(unflatten(flat_x), i, g_tree)
-        flat_x = flat_x - step_size * flatten(g_tree)[0]
+        flat_x = flat_x - step_size * _flatten(g_tree)[0]
     return unflatten(flat_x)
 
 

@@ -148,3 +148,41 @@ def test_train_stacked_equals_separate_adam_runs(layers):
     # and the models really moved, differently
     moved = [np.abs(stacked[0][0][k] - params_k[k][0][0]).max() for k in range(K)]
     assert min(moved) > 1e-3
+
+
+def textbook_adam(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
+    t = state.step + 1
+    m = (1 - b1) * g + b1 * state.m
+    v = (1 - b2) * g ** 2 + b2 * state.v
+    return x - step_size * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps), m, v
+
+
+def test_blocked_adam_update_is_bitwise_the_textbook_formula():
+    rs = np.random.RandomState(2)
+    n = 3 * 2 ** 14 + 17  # several blocks and a ragged end
+    x, g, m, v = rs.randn(n), rs.randn(n), rs.randn(n) * 0.1, rs.rand(n) * 0.01
+    copies = [a.copy() for a in (x, g, m, v)]
+    state = AdamState(m, v, 4)
+    new_x, new_state = adam_update(x, g, state, 1e-3)
+    ex, em, ev = textbook_adam(x, g, state, 1e-3)
+    np.testing.assert_array_equal(new_x, ex)
+    np.testing.assert_array_equal(new_state.m, em)
+    np.testing.assert_array_equal(new_state.v, ev)
+    assert new_state.step == 5
+    for a, copy in zip((x, g, m, v), copies, strict=True):
+        np.testing.assert_array_equal(a, copy)  # pure: inputs untouched
+    # other shapes and dtypes take the plain formula
+    x32 = np.ones((2, 3), np.float32)
+    out, st = adam_update(x32, x32, AdamState(np.zeros((2, 3)), np.zeros((2, 3)), 0), 0.1)
+    assert out.shape == (2, 3)
+    np.testing.assert_allclose(out, 0.9, rtol=1e-6)
+
+
+def test_adam_on_a_tree_is_bitwise_flat_adam():
+    tree = [(np.arange(6.0).reshape(2, 3), np.ones(3)), (np.full((3, 1), 2.0), np.zeros(1))]
+    g = lambda p, i: [(np.cos(W + i), np.sin(b)) for W, b in p]
+    flat_g = lambda x, i: nn.flatten_params(g([(x[:6].reshape(2, 3), x[6:9]), (x[9:12].reshape(3, 1), x[12:])], i))
+    tree_out, tree_state = adam_with_state(g, tree, num_iters=3, step_size=0.1)
+    flat_out, flat_state = adam_with_state(flat_g, nn.flatten_params(tree), num_iters=3, step_size=0.1)
+    np.testing.assert_array_equal(nn.flatten_params(tree_out), flat_out)
+    np.testing.assert_array_equal(tree_state.v, flat_state.v)
