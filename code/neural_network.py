@@ -108,12 +108,13 @@ def softmax_cross_entropy(logits, targets):
 
 def norm_regulariser(flat_weights, lam):
     """exp(lambda) * ||w||_2 (unsquared, all weights): flat (K, P), lam (K,) -> (K,). SPEC section 2."""
-    return np.exp(lam) * np.sqrt(np.sum(flat_weights ** 2, axis=1))
+    # np.linalg.norm: same numbers as sqrt(sum(w**2)), and its gradient w * g / norm is one pass over w
+    return np.exp(lam) * np.linalg.norm(flat_weights, axis=1)
 
 
 def class_norm_regulariser(W, lam):
     """(1/10) sum_i ||W[:, i] exp(lambda_i)||_2 over output columns: W (K, D, C), lam (K, C) -> (K,)."""
-    column_norms = np.sqrt(np.sum(W ** 2, axis=1))  # (K, C)
+    column_norms = np.linalg.norm(W, axis=1)  # (K, C)
     return np.sum(np.exp(lam) * column_norms, axis=1) / W.shape[2]
 
 
@@ -148,3 +149,33 @@ def init_hypernet(kind, n_hypers, n_weights, init_scale, rs, hidden=None):
 def hypernet_activation(kind):
     """The hidden activation of a hypernetwork kind."""
     return relu if kind == "mlp" else identity
+
+
+# ----------------------------------------------------- K linear models side by side ("wide" layout)
+# Column k*O + c of W_wide (D, K*O) is W_k[:, c]. Predictions of all K models are then one GEMM
+# (N, D) @ (D, K*O) that reads the weights in place, and the weight gradient comes out of one GEMM in the
+# same layout; the (K, D, O) layout of batched_linear needs a transposed copy of all weights each way.
+
+def to_wide(W, b):
+    """Stacked linear models W (K, D, O), b (K, O) -> side by side W_wide (D, K*O), b_wide (K*O,)."""
+    K, D, n_out = W.shape
+    return np.reshape(np.transpose(W, (1, 0, 2)), (D, K * n_out)), np.reshape(b, (K * n_out,))
+
+
+def from_wide(W_wide, b_wide, n_out):
+    """Inverse of to_wide: W_wide (D, K*O), b_wide (K*O,) -> W (K, D, O), b (K, O)."""
+    D, K = W_wide.shape[0], W_wide.shape[1] // n_out
+    return np.transpose(np.reshape(W_wide, (D, K, n_out)), (1, 0, 2)), np.reshape(b_wide, (K, n_out))
+
+
+def wide_linear(inputs, W_wide, b_wide, n_out):
+    """K linear models side by side on one input batch: inputs (N, D) -> (K, N, O)."""
+    out = np.reshape(np.dot(inputs, W_wide) + b_wide, (inputs.shape[0], -1, n_out))  # (N, K, O)
+    return np.transpose(out, (1, 0, 2))
+
+
+def wide_class_norm_regulariser(W_wide, lam):
+    """class_norm_regulariser of side-by-side weights: W_wide (D, K*C), lam (K, C) -> (K,)."""
+    K, C = lam.shape
+    column_norms = np.reshape(np.linalg.norm(W_wide, axis=0), (K, C))  # ||W_k[:, c]||
+    return np.sum(np.exp(lam) * column_norms, axis=1) / C

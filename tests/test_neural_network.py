@@ -219,3 +219,28 @@ def test_hypernet_kinds_and_errors(rs):
     lams = rs.randn(4, 3)
     (A, a), (B, b) = hyper
     np.testing.assert_allclose(nn.hypernet_weights(hyper, lams, nn.identity), (lams @ A + a) @ B + b, atol=TOL)
+
+
+# ------------------------------------------------------------------------------------- wide layout
+
+def test_wide_layout_equals_stacked_layout(rs):
+    K, D, C = 5, 7, 3
+    W, b, lam, x = rs.randn(K, D, C), rs.randn(K, C), rs.randn(K, C), rs.randn(4, D)
+    W_wide, b_wide = nn.to_wide(W, b)
+    assert W_wide.shape == (D, K * C) and b_wide.shape == (K * C,)
+    np.testing.assert_array_equal(W_wide[:, 2 * C:3 * C], W[2])  # model k's columns sit side by side
+    W_back, b_back = nn.from_wide(W_wide, b_wide, C)
+    np.testing.assert_array_equal(W_back, W)
+    np.testing.assert_array_equal(b_back, b)
+    np.testing.assert_allclose(nn.wide_linear(x, W_wide, b_wide, C), nn.batched_linear(x, W, b), rtol=0, atol=TOL)
+    np.testing.assert_allclose(nn.wide_class_norm_regulariser(W_wide, lam), nn.class_norm_regulariser(W, lam),
+                               rtol=1e-14)
+
+
+def test_wide_layout_gradients(rs):
+    K, D, C = 3, 4, 2
+    W_wide, b_wide, lam = rs.randn(D, K * C), rs.randn(K * C), rs.randn(K, C)
+    x, t = rs.randn(5, D), rs.randn(5, C)
+    check_grads(lambda W_, b_, lam_: anp.sum(nn.gaussian_nll(nn.wide_linear(x, W_, b_, C), t)
+                                             + nn.wide_class_norm_regulariser(W_, lam_)),
+                modes=["rev"])(W_wide, b_wide, lam)
