@@ -84,6 +84,14 @@ def minutes(value):
     return _math(f"{_number(value) / 60:.1f}")
 
 
+def percent(value):
+    """A fraction in [0, 1] as a whole percentage: 0.873 -> 87\\%."""
+    value = _number(value)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{value!r} is not a fraction")
+    return _math(f"{100 * value:.0f}" + r"\%")
+
+
 def scientific(value):
     """A small constant like 1e-05 as 10^{-5} (or 2\\times 10^{-4})."""
     value = _number(value)
@@ -236,6 +244,26 @@ def _method(prefix, method):
     ]
 
 
+def _medium(prefix, method):
+    """Macros of one method of hypernets_local_medium (its summary has methods.<method>.<field>)."""
+    return [
+        Macro(f"Medium{prefix}BestValid", key("methods", method, "best_valid"), NLL),
+        Macro(f"Medium{prefix}BestTest", key("methods", method, "test_at_best"), NLL),
+        Macro(f"Medium{prefix}Evaluations", key("methods", method, "evaluations"), integer),
+        Macro(f"Medium{prefix}Seconds", key("methods", method, "runtime_seconds"), seconds),
+    ]
+
+
+def _total_runtime(methods):
+    """Sum of runtime_seconds over the entries of a dict of methods."""
+    def total(summary):
+        entries = methods(summary)
+        if not isinstance(entries, dict) or not entries:
+            raise ValueError("expected a non-empty dict of methods")
+        return sum(_number(entry["runtime_seconds"]) for entry in entries.values())
+    return derived(f"sum of {methods.label}.*.runtime_seconds", total)
+
+
 def _layer_model(prefix, index):
     """Macros of the index-th model (0: 784-10, 1: 784-100-10, 2: 784-100-100-10) of compare_number_layers."""
     def pick(*fields):
@@ -290,6 +318,8 @@ EXPERIMENTS = {
         Macro("ManifoldLambdaStar", key("lambda_star"), LAMBDA),
         Macro("ManifoldLambdaPhiStar", key("lambda_phi_star"), LAMBDA),
         Macro("ManifoldLambdaGap", _abs_gap(key("lambda_star"), key("lambda_phi_star")), LAMBDA),
+        Macro("ManifoldValidAtStar", key("valid_loss_at_lambda_star"), NLL),
+        Macro("ManifoldValidAtPhiStar", key("valid_loss_at_lambda_phi_star"), NLL),
     ],
     # Section 6: learned versus true validation loss.
     "learn_vs_true_loss_scatter": [
@@ -318,10 +348,12 @@ EXPERIMENTS = {
         Macro("LayersSeconds", key("seconds"), seconds),
     ],
     "hypernets_local_medium": [
-        *_method("MediumHyper", "hypernet"),
-        *_method("MediumRandom", "random"),
-        *_method("MediumBayes", "bayes"),
-        Macro("MediumSeconds", key("seconds"), seconds),
+        *_medium("Hyper", "hypernet"),
+        *_medium("Random", "random"),
+        *_medium("Bayes", "bayesopt"),
+        Macro("MediumBudget", key("budget_seconds"), seconds),
+        Macro("MediumSeconds", _total_runtime(key("methods")), seconds),
+        Macro("MediumFractionAhead", key("fraction_of_budget_hypernet_below_both"), percent),
     ],
 }
 
