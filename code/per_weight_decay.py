@@ -32,6 +32,7 @@ from neural_network import (
     batched_mlp_predict,
     hypernet_activation,
     hypernet_weights,
+    identity,
     init_hypernet,
     mse,
     num_params,
@@ -124,11 +125,16 @@ class Alg3State(NamedTuple):
     step: int
 
 
-def init_alg3(problem, settings, seed):
-    """Fresh hypernetwork (RandomState(seed)) and lambda_hat = init_lambda everywhere; fresh Adam states."""
+def init_alg3(problem, settings, seed, w0=None):
+    """Fresh hypernetwork (RandomState(seed)) and lambda_hat = init_lambda everywhere; fresh Adam states.
+
+    w0 (P,), optional: elementary weights to start from, written into the hypernetwork's output bias (the
+    other hypernetwork parameters stay init_scale * N(0, 1), so w_phi(lambda_hat) starts close to w0)."""
     rs = np.random.RandomState(seed)
     phi = init_hypernet(settings.hypernet_kind, problem.n_hypers, problem.n_weights, settings.init_scale, rs,
                         hidden=settings.hidden)
+    if w0 is not None:
+        phi[-1] = (phi[-1][0], np.array(w0, dtype=float).reshape(problem.n_weights))
     lam = np.full(problem.n_hypers, float(settings.init_lambda))
     phi_adam = [(adam_init(W), adam_init(b)) for W, b in phi]
     return Alg3State(phi, lam, phi_adam, adam_init(lam), 0)
@@ -166,10 +172,31 @@ def _adam_tree(params, grads, states, step_size):
 
 
 def _hypernet_grad(problem, activation):
-    """d/dphi of the mean training objective over the K sampled lambdas (K, H)."""
-    def objective(phi, lambdas, x, y):
-        return anp.mean(problem.train_objective(hypernet_weights(phi, lambdas, activation), lambdas, x, y))
-    return grad(objective)
+    """d/dphi of the mean training objective over the K sampled lambdas (K, H): f(phi, lambdas, x, y).
+
+    For linear / factorised hypernetworks (identity activation) autograd only differentiates the elementary
+    objective, giving delta = dF/dw (K, P); the hypernetwork's layers are then back-propagated by hand
+    (g_W = h^T delta, g_b = sum_k delta, delta <- delta W^T), which avoids autograd's overhead on arrays
+    of up to 1.9M entries. Other hypernetworks use autograd throughout."""
+    if activation is not identity:
+        def objective(phi, lambdas, x, y):
+            return anp.mean(problem.train_objective(hypernet_weights(phi, lambdas, activation), lambdas, x, y))
+        return grad(objective)
+
+    elementary_grad = grad(lambda w, lambdas, x, y: anp.mean(problem.train_objective(w, lambdas, x, y)))
+
+    def phi_grad(phi, lambdas, x, y):
+        inputs = [lambdas]  # inputs[i] = input of layer i, (K, width)
+        for W, b in phi[:-1]:
+            inputs.append(np.dot(inputs[-1], W) + b)
+        W, b = phi[-1]
+        delta = elementary_grad(np.dot(inputs[-1], W) + b, lambdas, x, y)  # (K, P)
+        grads = []
+        for (W, _), h in zip(reversed(phi), reversed(inputs), strict=True):
+            grads.append((np.dot(h.T, delta), np.sum(delta, axis=0)))
+            delta = np.dot(delta, W.T)
+        return grads[::-1]
+    return phi_grad
 
 
 def _lambda_grad(problem, activation):
@@ -223,6 +250,12 @@ def copy_state(state):
 def current_weights(state, settings):
     """The hypernetwork's elementary weights at lambda_hat: (1, P)."""
     return hypernet_weights(state.phi, state.lam[None, :], hypernet_activation(settings.hypernet_kind))
+
+
+def fan_in_init(layer_sizes, rs):
+    """Flat elementary weights (P,): W ~ N(0, 1/fan_in) per layer, biases 0 (a standard MLP init)."""
+    return np.concatenate([np.concatenate([rs.randn(m * n) / np.sqrt(m), np.zeros(n)])
+                           for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=True)])
 
 
 def check_algorithm(name):
