@@ -30,16 +30,14 @@ def flatten_params(params):
 
 def unflatten_batch(flat, layer_sizes):
     """(K, P) flat weight sets -> [(W (K, m, n), b (K, n)), ...]; differentiable."""
-    K, params, start = flat.shape[0], [], 0
-    for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False):
-        W = np.reshape(flat[:, start:start + m * n], (K, m, n))
-        start += m * n
-        b = flat[:, start:start + n]
-        start += n
-        params.append((W, b))
-    if start != flat.shape[1]:
-        raise ValueError(f"flat weights have {flat.shape[1]} entries, layer sizes {layer_sizes} need {start}")
-    return params
+    K, shapes = flat.shape[0], list(zip(layer_sizes[:-1], layer_sizes[1:], strict=False))
+    if num_params(layer_sizes) != flat.shape[1]:
+        raise ValueError(f"flat weights have {flat.shape[1]} entries, layer sizes {layer_sizes} need "
+                         f"{num_params(layer_sizes)}")
+    # One split instead of slices: its gradient is one concatenation, not a zero-filled array per slice.
+    cuts = np.cumsum([size for m, n in shapes for size in (m * n, n)])[:-1]
+    pieces = np.split(flat, cuts, axis=1)
+    return [(np.reshape(pieces[2 * i], (K, m, n)), pieces[2 * i + 1]) for i, (m, n) in enumerate(shapes)]
 
 
 def stack_params(param_lists):
