@@ -13,6 +13,9 @@ hypernetwork jointly with its hyperparameters). The public API:
 * `current_weights(state, settings)`          the hypernetwork's elementary weights at lambda_hat, (1, P).
 * `Budget`, `run_budgeted(...)`               the timed loop: step until `seconds` or `iters` runs out,
                                               evaluate every `eval_every` steps, evaluation time excluded.
+* `BudgetedRun`, `run_interleaved(runs, s)`   the same loop, resumable; several methods in alternating
+                                              slices of s seconds so they share the machine's load.
+* `time_to_reach(curve, level)`               first method time at which the validation loss <= level.
 
 Splits (`large_splits`): train = MNIST training images 0..9,999, valid = training images 10,000..19,999,
 test = the 10,000 official test images. Everything is float64; flat elementary weights follow
@@ -283,6 +286,10 @@ class Budget:
     eval_every: int = 10      # steps between evaluations of the full validation and test sets
     log_every: int = 100      # steps between progress lines (also evaluated)
 
+    def __post_init__(self):
+        if self.seconds is None and self.iters is None:
+            raise ValueError("a Budget needs seconds or iters")
+
     def done(self, step, elapsed):
         if self.iters is not None:
             return step >= self.iters
@@ -298,36 +305,74 @@ class Curve(NamedTuple):
     test: np.ndarray
 
 
+class BudgetedRun:
+    """A resumable budgeted loop: state = step_fn(state, i) for i = 0, 1, ... while the budget lasts.
+
+    evaluate(state) -> (valid, test) runs at step 0, every eval_every / log_every steps and at the end
+    (curve()). The clock counts step_fn time only: evaluations (full-set forward passes) are excluded.
+    advance(until) stops early once the method clock reaches `until` seconds, so two methods can be run
+    in alternating slices and share the machine's load fairly."""
+
+    def __init__(self, state, step_fn, evaluate, budget, name="", log=print):
+        self.state, self.step_fn, self.evaluate, self.budget = state, step_fn, evaluate, budget
+        self.name, self.log = name, log
+        self.i, self.elapsed = 0, 0.0
+        self._steps, self._seconds, self._valid, self._test = [], [], [], []
+        self._record()
+
+    def _record(self):
+        valid, test = self.evaluate(self.state)
+        check_finite(valid, self.i, f"{self.name} validation loss".strip())
+        self._steps.append(self.i)
+        self._seconds.append(self.elapsed)
+        self._valid.append(float(valid))
+        self._test.append(float(test))
+        return valid, test
+
+    @property
+    def finished(self):
+        return self.budget.done(self.i, self.elapsed)
+
+    def advance(self, until=float("inf")):
+        """Take steps until the budget is used or the method clock reaches `until` seconds."""
+        while not self.finished and self.elapsed < until:
+            start = time.perf_counter()
+            self.state = self.step_fn(self.state, self.i)
+            self.elapsed += time.perf_counter() - start
+            self.i += 1
+            if self.i % self.budget.log_every == 0:
+                valid, test = self._record()
+                if self.log:
+                    self.log(f"{self.name:>10s} step {self.i:6d}  {self.elapsed:7.1f} s  "
+                             f"valid {valid:.5f}  test {test:.5f}")
+            elif self.i % self.budget.eval_every == 0:
+                self._record()
+        return self
+
+    def curve(self):
+        """The recorded Curve (evaluating the current state first if it was not evaluated yet)."""
+        if self._steps[-1] != self.i:
+            self._record()
+        return Curve(np.array(self._steps), np.array(self._seconds), np.array(self._valid), np.array(self._test))
+
+
 def run_budgeted(state, step_fn, evaluate, budget, name="", log=print):
     """Run state = step_fn(state, i) for i = 0, 1, ... until the budget is used; return (state, Curve).
 
     evaluate(state) -> (valid, test) is called at step 0, every eval_every / log_every steps and at the end.
     The clock counts step_fn time only: evaluations (full-set forward passes) are excluded."""
-    steps, seconds, valids, tests = [], [], [], []
-    elapsed, i = 0.0, 0
+    run = BudgetedRun(state, step_fn, evaluate, budget, name, log).advance()
+    return run.state, run.curve()
 
-    def record():
-        valid, test = evaluate(state)
-        check_finite(valid, i, f"{name} validation loss")
-        steps.append(i), seconds.append(elapsed), valids.append(float(valid)), tests.append(float(test))
-        return valid, test
 
-    record()
-    while not budget.done(i, elapsed):
-        start = time.perf_counter()
-        state = step_fn(state, i)
-        elapsed += time.perf_counter() - start
-        i += 1
-        if i % budget.log_every == 0:
-            valid, test = record()
-            if log:
-                log(f"{name:>14s} step {i:6d}  {elapsed:7.1f} s  valid {valid:.5f}  test {test:.5f}")
-        elif i % budget.eval_every == 0:
-            record()
-    if steps[-1] != i:
-        record()
-    curve = Curve(np.array(steps), np.array(seconds), np.array(valids), np.array(tests))
-    return state, curve
+def run_interleaved(runs, slice_seconds):
+    """Advance several BudgetedRuns in turn, slice_seconds of method time each, until all are finished."""
+    until = slice_seconds
+    while not all(run.finished for run in runs):
+        for run in runs:
+            run.advance(until)
+        until += slice_seconds
+    return [run.curve() for run in runs]
 
 
 def time_to_reach(curve, level):
