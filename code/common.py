@@ -38,7 +38,7 @@ def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + "-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".part-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -143,7 +143,7 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
         url = mirror + spec.name + ".gz"
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".part-" + spec.name, dir=data_dir)
+            fd, tmp = tempfile.mkstemp(prefix="." + spec.name + ".part-", dir=data_dir)
         except OSError as err:
             raise MNISTError(f"{spec.name}: cannot write into {data_dir} ({err.strerror or err})") from None
         try:

@@ -34,7 +34,7 @@ def resolve_out_dir(out_dir=None):
 
 def _atomic_savefig(fig, path, **kwargs):
     """savefig into a temporary file beside path, then rename it over path."""
-    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + "-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".part-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, format=path.suffix[1:], **kwargs)
