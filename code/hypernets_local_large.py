@@ -387,7 +387,8 @@ def main(argv=None):
         return 0
     config = build_config(args)
     splits = load_splits(config, args.data_dir)
-    summary, arrays = run(config, splits)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow surfaces as a one-line DivergenceError
+        summary, arrays = run(config, splits)
     save_results(out_dir, NAME, summary, arrays)
     report(summary)
     for path in plot(summary, arrays, out_dir):
