@@ -86,7 +86,8 @@ def test_jobs_2_equals_jobs_1(splits):
 def test_cache_used_rebuilt_on_other_settings_and_corruption(splits, tmp_path, capsys, monkeypatch):
     config = tiny()
     quiet = lambda s: None  # noqa: E731
-    lambdas, losses, _ = lvt.get_ground_truth(config, splits, 1, tmp_path, log=quiet)
+    lambdas, losses, _, cached = lvt.get_ground_truth(config, splits, 1, tmp_path, log=quiet)
+    assert not cached
     path = lvt.cache_path(tmp_path, config)
     assert path.exists()
 
@@ -99,7 +100,7 @@ def test_cache_used_rebuilt_on_other_settings_and_corruption(splits, tmp_path, c
 
     monkeypatch.setattr(lvt, "compute_ground_truth", counting)
     got = lvt.get_ground_truth(config, splits, 1, tmp_path, log=quiet)  # valid cache: used
-    assert calls == [] and np.array_equal(got[1], losses)
+    assert calls == [] and np.array_equal(got[1], losses) and got[3]
 
     other = dataclasses.replace(config, gt_steps=config.gt_steps + 1)  # other settings: rebuilt
     got = lvt.get_ground_truth(other, splits, 1, tmp_path, log=quiet)
@@ -206,3 +207,24 @@ def test_too_many_training_tuples_is_one_line_error(tmp_path, capsys):
     assert run_main(lvt.main, script_args(tmp_path, "--synthetic", "--n-train-tuples", "64")) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_hyper_objective_equals_forming_every_weight_set(splits):
+    """The reduced objective (basis predictions, 11x11 norm forms) equals the plain batched computation."""
+    import autograd.numpy as anp
+
+    from neural_network import hypernet_weights, identity, init_hypernet
+
+    def direct(hyper_params, lambdas, xb, tb):
+        params = unflatten_batch(hypernet_weights(hyper_params, lambdas, identity), [784, 10])
+        losses = gaussian_nll(batched_mlp_predict(params, xb), tb) + class_norm_regulariser(params[0][0], lambdas)
+        return anp.mean(losses)
+
+    rs = np.random.RandomState(1)
+    hyper = init_hypernet("linear", 10, 7850, 0.01, rs)
+    lambdas = rs.uniform(-3, 3, (6, 10))
+    args = (lambdas, splits.train_x[:100], splits.train_y[:100])
+    assert lvt.hyper_objective(hyper, *args) == pytest.approx(direct(hyper, *args), rel=1e-12)
+    g1, g2 = grad(lvt.hyper_objective)(hyper, *args), grad(direct)(hyper, *args)
+    for a, b in zip(g1[0], g2[0], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
