@@ -79,6 +79,7 @@ class Config:
     algorithm: str = "joint"
     hidden: int = 10                  # factorised hypernetwork bottleneck (paper)
     init_scale: float = 1e-3          # hypernetwork init, init_scale * N(0, 1)
+    centre_input: bool = True         # the hypernetwork sees lambda - init_lambda (see README; --raw-input: lambda)
     n_samples: int = 2                # lambda samples per hypernetwork step (paper)
     sample_sd: float = 1e-5           # sd of lambda ~ N(lambda_hat, sd^2) (paper's "variance 1e-5", used as an sd)
     inner_steps: int = 10             # hypernetwork steps per lambda_hat step (paper macro)
@@ -188,7 +189,8 @@ def alg3_settings(config):
                         init_lambda=config.init_lambda, algorithm=config.algorithm, n_samples=config.n_samples,
                         sample_sd=config.sample_sd, inner_steps=config.inner_steps,
                         hypernet_step=config.hypernet_step, lambda_step=config.lambda_step,
-                        batch_size=config.batch_size, valid_batch_size=config.batch_size)
+                        batch_size=config.batch_size, valid_batch_size=config.batch_size,
+                        input_offset=config.init_lambda if config.centre_input else 0.0)
 
 
 def make_hyper(splits, config):
@@ -331,6 +333,8 @@ def parse_args(argv):
     parser.add_argument("--algorithm", choices=("joint", "simplified"), default=None,
                         help="joint = Algorithm 3 (sampled lambdas), simplified = Algorithm 4 (default joint)")
     parser.add_argument("--init-lambda", type=float, default=None, help="starting value of every lambda (-7)")
+    parser.add_argument("--raw-input", action="store_true",
+                        help="feed the hypernetwork lambda itself, not lambda - init_lambda (noisier training)")
     parser.add_argument("--init-scale", type=positive_float, default=None, help="hypernetwork init scale (1e-3)")
     parser.add_argument("--lambda-step", type=positive_float, default=None, help="Adam step of lambda_hat (1e-4)")
     parser.add_argument("--hypernet-step", type=positive_float, default=None, help="Adam step of the hypernet (1e-4)")
@@ -354,6 +358,8 @@ FLAG_FIELDS = ("seconds", "iters", "algorithm", "init_lambda", "init_scale", "la
 def build_config(args):
     overrides = dict(QUICK) if args.quick else {}
     overrides.update(seed=args.seed, synthetic=args.synthetic)
+    if args.raw_input:
+        overrides["centre_input"] = False
     for field in FLAG_FIELDS:
         value = getattr(args, field)
         if value is not None:

@@ -116,6 +116,7 @@ class Alg3Settings:
     lambda_step: float = 1e-4          # Adam step size of lambda_hat
     batch_size: int = 100              # training minibatch per hypernetwork step
     valid_batch_size: int = 100        # validation minibatch per lambda_hat step
+    input_offset: float = 0.0          # the hypernetwork sees lambda - input_offset (a fixed shift of its input)
 
 
 class Alg3State(NamedTuple):
@@ -174,7 +175,7 @@ def _adam_tree(params, grads, states, step_size):
             for (W, b), (gW, gb), (sW, sb) in zip(params, grads, states, strict=True)]
 
 
-def _hypernet_grad(problem, activation):
+def _hypernet_grad(problem, activation, offset=0.0):
     """d/dphi of the mean training objective over the K sampled lambdas (K, H): f(phi, lambdas, x, y).
 
     For linear / factorised hypernetworks (identity activation) autograd only differentiates the elementary
@@ -183,13 +184,14 @@ def _hypernet_grad(problem, activation):
     of up to 1.9M entries. Other hypernetworks use autograd throughout."""
     if activation is not identity:
         def objective(phi, lambdas, x, y):
-            return anp.mean(problem.train_objective(hypernet_weights(phi, lambdas, activation), lambdas, x, y))
+            weights = hypernet_weights(phi, lambdas - offset, activation)
+            return anp.mean(problem.train_objective(weights, lambdas, x, y))
         return grad(objective)
 
     elementary_grad = grad(lambda w, lambdas, x, y: anp.mean(problem.train_objective(w, lambdas, x, y)))
 
     def phi_grad(phi, lambdas, x, y):
-        inputs = [lambdas]  # inputs[i] = input of layer i, (K, width)
+        inputs = [lambdas - offset]  # inputs[i] = input of layer i, (K, width)
         for W, b in phi[:-1]:
             inputs.append(np.dot(inputs[-1], W) + b)
         W, b = phi[-1]
@@ -202,10 +204,10 @@ def _hypernet_grad(problem, activation):
     return phi_grad
 
 
-def _lambda_grad(problem, activation):
+def _lambda_grad(problem, activation, offset=0.0):
     """d/dlambda_hat of the validation loss of the hypernetwork's weights at lambda_hat (H,)."""
     def objective(lam, phi, x, y):
-        return problem.valid_loss(hypernet_weights(phi, lam[None, :], activation), x, y)[0]
+        return problem.valid_loss(hypernet_weights(phi, lam[None, :] - offset, activation), x, y)[0]
     return grad(objective)
 
 
@@ -220,7 +222,8 @@ def alg3_step(state, step, problem, settings, seed):
     (2) one Adam step of lambda_hat on f_valid(w_phi(lambda_hat)) over a validation minibatch.
     Random numbers come from step_rng(seed, inner step index, stream), so runs are reproducible."""
     activation = hypernet_activation(settings.hypernet_kind)
-    phi_grad, lam_grad = _hypernet_grad(problem, activation), _lambda_grad(problem, activation)
+    offset = settings.input_offset
+    phi_grad, lam_grad = _hypernet_grad(problem, activation, offset), _lambda_grad(problem, activation, offset)
     phi, phi_adam = state.phi, state.phi_adam
     for j in range(settings.inner_steps):
         inner = step * settings.inner_steps + j
@@ -252,7 +255,8 @@ def copy_state(state):
 
 def current_weights(state, settings):
     """The hypernetwork's elementary weights at lambda_hat: (1, P)."""
-    return hypernet_weights(state.phi, state.lam[None, :], hypernet_activation(settings.hypernet_kind))
+    lam = state.lam[None, :] - settings.input_offset
+    return hypernet_weights(state.phi, lam, hypernet_activation(settings.hypernet_kind))
 
 
 def fan_in_init(layer_sizes, rs):
