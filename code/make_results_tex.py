@@ -44,6 +44,11 @@ def _math(text):
     return r"\ensuremath{" + text + "}"
 
 
+def _math_g(value):
+    """A setting in its shortest form: 1.0 -> 1, -100.0 -> -100, 0.25 -> 0.25."""
+    return _math(f"{_number(value):g}")
+
+
 def fixed(decimals):
     """Formatter with a fixed number of decimals (hyperparameters, losses on one scale)."""
     def fmt(value):
@@ -84,6 +89,11 @@ def minutes(value):
     return _math(f"{_number(value) / 60:.1f}")
 
 
+def seconds_or_never(value):
+    """A runtime with its unit ('12\\,s'), or words for null (a level the method did not reach in its budget)."""
+    return r"\textup{not within the budget}" if value is None else seconds(value) + r"\,s"
+
+
 def percent(value):
     """A fraction in [0, 1] as a whole percentage: 0.873 -> 87\\%."""
     value = _number(value)
@@ -102,7 +112,7 @@ def scientific(value):
     if abs(mantissa) == 10:
         mantissa, exponent = mantissa / 10, exponent + 1
     if exponent in (-1, 0, 1, 2):
-        return significant(3)(value)
+        return _math(f"{value:g}")
     head = "" if mantissa == 1 else (f"{mantissa:g}" + r"\times ")
     return _math(f"{head}10^{{{exponent}}}")
 
@@ -200,16 +210,12 @@ LAMBDA = fixed(2)        # hyperparameters (log weight decay) to two decimals
 NLL = fixed(3)           # losses on the Gaussian log-likelihood scale (about 0.5 to 3)
 ERR = significant(2)     # signed errors of predicted losses
 MSE = significant(3)     # mean squared errors (about 0.01 to 0.05)
-CONF = significant(3)    # step sizes, scales and other settings
+CONF = _math_g           # settings as written in the config (1.0 -> 1, 0.25 -> 0.25)
 
 
 def _config(*names):
     """Getter for a setting in the saved config, under any of several names."""
     return first(*(key("config", n) for n in names))
-
-
-GLOBAL = key("lambda_star_cv"), key("lambda_star_hypernet")
-LOCAL = key("lambda_final"), key("lambda_star_cv")
 
 
 def _scatter(prefix, model):
@@ -223,24 +229,40 @@ def _scatter(prefix, model):
     ]
 
 
-def _method(prefix, method):
-    """Macros of one method of a runtime-comparison experiment (large, layers, medium)."""
-    names = {"hypernet": ("hypernet", "hyper", "hypernetwork", "hyper_training"),
-             "unrolled": ("unrolled", "reverse", "unroll"),
-             "random": ("random_search", "random"),
-             "bayes": ("bayesian_optimisation", "bayesian_optimization", "bayes_opt", "bayesopt", "bo")}[method]
-
-    def pick(*fields):
-        return first(*(key(n, f) for n in names for f in fields),
-                     *(key(f"{n}_{f}") for n in names for f in fields))
+def _large(prefix, method):
+    """Macros of one method of hypernets_local_large (its summary has <method>.<field>)."""
     return [
-        Macro(f"{prefix}FinalValid", pick("final_valid", "valid_final", "final_valid_loss", "valid_loss_final"), MSE),
-        Macro(f"{prefix}FinalTest", pick("final_test", "test_final", "final_test_loss", "test_loss_final"), MSE),
-        Macro(f"{prefix}BestValid", pick("best_valid", "valid_best", "best_valid_loss"), MSE),
-        Macro(f"{prefix}BestTest", pick("best_test", "test_best", "test_at_best_valid", "best_test_loss"), MSE),
-        Macro(f"{prefix}TimeToOnePercent", pick("time_to_1pct", "seconds_to_1pct", "time_to_within_1pct",
-                                                "time_within_1pct", "time_to_one_percent"), seconds),
-        Macro(f"{prefix}Seconds", pick("seconds", "elapsed", "runtime"), seconds),
+        Macro(f"Large{prefix}FinalValid", key(method, "final_valid"), MSE),
+        Macro(f"Large{prefix}FinalTest", key(method, "final_test"), MSE),
+        Macro(f"Large{prefix}BestValid", key(method, "best_valid"), MSE),
+        Macro(f"Large{prefix}TestAtBestValid", key(method, "test_at_best_valid"), MSE),
+        Macro(f"Large{prefix}TimeToOnePercent", key(method, "seconds_to_1pct_of_final_valid"), seconds),
+        Macro(f"Large{prefix}Steps", key(method, "steps"), integer),
+        Macro(f"Large{prefix}Seconds", key(method, "seconds"), seconds),
+    ]
+
+
+def _layers(prefix, index):
+    """Macros of the index-th model of compare_number_layers (summary models.<name>.<field>, in run order)."""
+    def model(*path):
+        def get(summary):
+            models = summary["models"]
+            if not isinstance(models, dict):
+                raise ValueError("models is not a dict")
+            return key(*path)(list(models.values())[index])
+        return derived(f"models[{index}]." + ".".join(path), get)
+
+    def name(summary):
+        return list(summary["models"])[index].replace("-", "--")
+    return [
+        Macro(f"Layers{prefix}Name", derived(f"models[{index}] name", name), text),
+        Macro(f"Layers{prefix}NumHypers", model("n_hyperparameters"), integer),
+        Macro(f"Layers{prefix}FinalValid", model("final_valid"), MSE),
+        Macro(f"Layers{prefix}FinalTest", model("final_test"), MSE),
+        Macro(f"Layers{prefix}HandValid", model("hand_tuned", "best_valid"), MSE),
+        Macro(f"Layers{prefix}HandTest", model("hand_tuned", "best_test"), MSE),
+        Macro(f"Layers{prefix}HandLambda", model("hand_tuned", "best_lambda"), LAMBDA),
+        Macro(f"Layers{prefix}Seconds", model("seconds"), seconds),
     ]
 
 
@@ -264,21 +286,8 @@ def _total_runtime(methods):
     return derived(f"sum of {methods.label}.*.runtime_seconds", total)
 
 
-def _layer_model(prefix, index):
-    """Macros of the index-th model (0: 784-10, 1: 784-100-10, 2: 784-100-100-10) of compare_number_layers."""
-    def pick(*fields):
-        getters = []
-        for container in ("models", "results", "runs"):
-            getters += [key(container, index, f) for f in fields]
-        return first(*getters)
-    return [
-        Macro(f"{prefix}FinalValid", pick("final_valid", "valid_final", "final_valid_loss"), MSE),
-        Macro(f"{prefix}FinalTest", pick("final_test", "test_final", "final_test_loss"), MSE),
-        Macro(f"{prefix}HandValid", pick("baseline_valid", "hand_tuned_valid", "baseline_valid_loss"), MSE),
-        Macro(f"{prefix}HandTest", pick("baseline_test", "hand_tuned_test", "baseline_test_loss"), MSE),
-        Macro(f"{prefix}NumHypers", pick("n_hypers", "num_hypers", "n_hyperparameters"), integer),
-    ]
-
+GLOBAL = key("lambda_star_cv"), key("lambda_star_hypernet")
+LOCAL = key("lambda_final"), key("lambda_star_cv")
 
 EXPERIMENTS = {
     # Section 3, Algorithm 2.
@@ -290,12 +299,16 @@ EXPERIMENTS = {
         Macro("GlobalNumCV", _length(key("cv_lambdas")), integer),
         Macro("GlobalIterations", key("iterations"), integer),
         Macro("GlobalSeconds", key("seconds"), seconds),
-        Macro("GlobalHyperBatch", _config("hyper_batch", "batch_size", "n_hyper_samples", "num_hyper_samples"),
-              integer),
-        Macro("GlobalStepSize", _config("step_size", "hyper_step_size", "learning_rate", "hypernet_step_size"),
-              scientific),
-        Macro("GlobalCVIters", _config("cv_iters", "cv_steps", "elementary_iters", "cv_iterations"), integer),
-        Macro("GlobalSweepSize", _config("sweep_size", "n_sweep", "dense_sweep", "n_dense", "sweep_points"), integer),
+        Macro("GlobalHyperBatch", key("config", "batch_size"), integer),
+        Macro("GlobalStepSize", key("config", "step_size"), scientific),
+        Macro("GlobalHidden", key("config", "hidden_units"), integer),
+        Macro("GlobalLambdaMean", key("config", "lambda_mean"), CONF),
+        Macro("GlobalLambdaStd", key("config", "lambda_std"), CONF),
+        Macro("GlobalLambdaMax", key("config", "lambda_max"), CONF),
+        Macro("GlobalCVLo", key("config", "cv_lo"), CONF),
+        Macro("GlobalCVHi", key("config", "cv_hi"), CONF),
+        Macro("GlobalCVIters", key("config", "cv_iters"), integer),
+        Macro("GlobalSweepSize", key("config", "sweep_size"), integer),
     ],
     # Section 4, Algorithm 3.
     "hypernets_local_small": [
@@ -306,12 +319,9 @@ EXPERIMENTS = {
         Macro("LocalValidLossFinal", key("valid_loss_final"), NLL),
         Macro("LocalIterations", key("iterations"), integer),
         Macro("LocalSeconds", key("seconds"), seconds),
-        Macro("LocalHyperBatch", _config("hyper_batch", "batch_size", "n_hyper_samples", "num_hyper_samples"),
-              integer),
-        Macro("LocalHypernetStep", _config("hypernet_step_size", "hypernet_step", "sgd_step_size", "step_size"),
-              scientific),
-        Macro("LocalHyperStep", _config("hyper_step_size", "lambda_step_size", "hyper_step", "adam_step_size"),
-              scientific),
+        Macro("LocalHyperBatch", _config("batch_size", "hyper_batch", "n_samples"), integer),
+        Macro("LocalHypernetStep", _config("hypernet_step_size", "hypernet_step", "step_size"), scientific),
+        Macro("LocalHyperStep", _config("hyper_step_size", "lambda_step_size", "lambda_step"), scientific),
     ],
     # Section 5: analytic manifolds.
     "loss_manifold": [
@@ -334,18 +344,30 @@ EXPERIMENTS = {
     ],
     # Section 7: the experiments without released code.
     "hypernets_local_large": [
-        *_method("LargeHyper", "hypernet"),
-        *_method("LargeUnrolled", "unrolled"),
-        Macro("LargeBudget", first(key("config", "seconds"), key("config", "budget_seconds"), key("budget_seconds")),
-              seconds),
-        Macro("LargeUnrollSteps", _config("unroll_steps", "unroll", "inner_steps", "unrolled_steps"), integer),
-        Macro("LargeSeconds", key("seconds"), seconds),
+        *_large("Hyper", "hyper"),
+        *_large("Unrolled", "unrolled"),
+        Macro("LargeNumHypers", key("n_hyperparameters"), integer),
+        Macro("LargeHypernetParams", key("hypernet_parameters"), integer),
+        Macro("LargeBudget", key("config", "seconds"), seconds),
+        Macro("LargeUnrollSteps", key("config", "unroll_steps"), integer),
+        Macro("LargeUnrollInnerStep", key("config", "unroll_inner_step"), scientific),
+        Macro("LargeUnrollOuterStep", key("config", "unroll_outer_step"), scientific),
+        Macro("LargeInitLambda", key("config", "init_lambda"), LAMBDA),
+        Macro("LargeHidden", key("config", "hidden"), integer),
+        Macro("LargeSamples", key("config", "n_samples"), integer),
+        Macro("LargeSampleSD", key("config", "sample_sd"), scientific),
+        Macro("LargeInnerSteps", key("config", "inner_steps"), integer),
+        Macro("LargeHypernetStep", key("config", "hypernet_step"), scientific),
+        Macro("LargeLambdaStep", key("config", "lambda_step"), scientific),
+        Macro("LargeBatch", key("config", "batch_size"), integer),
+        Macro("LargeUnrolledToHyperLevel", key("target", "unrolled_seconds"), seconds_or_never),
+        Macro("LargeSeconds", key("total_seconds"), seconds),
     ],
     "compare_number_layers": [
-        *_layer_model("LayersOne", 0),
-        *_layer_model("LayersTwo", 1),
-        *_layer_model("LayersThree", 2),
-        Macro("LayersSeconds", key("seconds"), seconds),
+        *_layers("One", 0),
+        *_layers("Two", 1),
+        *_layers("Three", 2),
+        Macro("LayersSeconds", key("total_seconds"), seconds),
     ],
     "hypernets_local_medium": [
         *_medium("Hyper", "hypernet"),
