@@ -15,7 +15,6 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
-from scipy.stats import norm
 
 import small_experiments as se
 from common import check_finite, experiment_parser, load_results, positive_float, run_main, save_results, step_rng
@@ -57,7 +56,7 @@ class Config:
 
 
 # --quick: a smoke test in seconds (tests, make quick); not a converged figure.
-QUICK = dict(num_iters=150, cv_iters=100, sweep_size=21, curve_count=50, log_every=50)
+QUICK = dict(num_iters=100, cv_iters=50, sweep_size=21, curve_count=50, log_every=25)
 
 
 class Results(NamedTuple):
@@ -116,22 +115,13 @@ def valid_loss_and_slope(hyper_params, lambda_hat, valid_x, valid_y):
 
 # ------------------------------------------------------------------------------------------- run
 
-def run(config, splits):
-    """Cross-validation baseline, then joint optimisation of the hypernetwork and lambda_hat; returns Results."""
-    if config.algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {config.algorithm!r}")
-    start = time.perf_counter()
-    cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
-                           se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
-                           config.init_scale, config.seed, config.cv_step_size, config.cv_iters)
-    print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
-          f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
-
+def optimise_jointly(config, splits):
+    """The outer loop of Algorithm 3 (or 4): returns (hypernetwork, lambda_hat trajectory, objectives, valid losses)."""
     hyper = init_hypernet("linear", 1, se.N_WEIGHTS, config.init_scale, np.random.RandomState(config.seed))
     objective_and_grad = value_and_grad(hypernet_objective)
     lambda_hat, adam_state = np.array([config.lambda_init]), adam_init(np.zeros(1))
     trajectory, objectives, valid_losses = [config.lambda_init], [], []
-    train_start = time.perf_counter()
+    train_start = time.perf_counter()  # for the progress lines
     for step in range(config.num_iters):
         # Hypernetwork: one SGD step on the mean training objective at the sampled lambdas.
         objective, grads = objective_and_grad(hyper, sample_lambdas(config, lambda_hat[0], step), splits)
@@ -150,13 +140,30 @@ def run(config, splits):
         if (step + 1) % config.log_every == 0 or step + 1 == config.num_iters:
             print(f"step {step + 1:6d}/{config.num_iters}  objective {objective:8.4f}  valid {valid:7.4f}  "
                   f"lambda {lambda_hat[0]:7.3f}  {time.perf_counter() - train_start:7.1f} s", flush=True)
+    return hyper, trajectory, objectives, valid_losses
+
+
+def run(config, splits):
+    """Cross-validation baseline, then joint optimisation of the hypernetwork and lambda_hat; returns Results."""
+    if config.algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {config.algorithm!r}")
+    start = time.perf_counter()
+    cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
+                           se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
+                           config.init_scale, config.seed, config.cv_step_size, config.cv_iters)
+    print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
+          f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    train_start = time.perf_counter()
+    with np.errstate(over="ignore", invalid="ignore"):  # a divergence is reported by check_finite, with its step
+        hyper, trajectory, objectives, valid_losses = optimise_jointly(config, splits)
     train_seconds = time.perf_counter() - train_start
 
     curve_lambdas = se.grid(config.curve_lo, config.curve_hi, config.curve_count)
     curve_weights = hypernet_flat_weights(hyper, curve_lambdas)
     train_curve = np.asarray(se.training_objective(curve_weights, curve_lambdas, splits.train_x, splits.train_y))
     valid_curve = se.evaluate_loss(curve_weights, splits.valid_x, splits.valid_y)
-    valid_final = valid_loss_and_slope(hyper, lambda_hat[0], splits.valid_x, splits.valid_y)[0]
+    valid_final = valid_loss_and_slope(hyper, trajectory[-1], splits.valid_x, splits.valid_y)[0]
     return Results(config, cv, curve_lambdas, train_curve, valid_curve, np.array(trajectory), np.array(objectives),
                    np.array(valid_losses), valid_final, config.num_iters, time.perf_counter() - start, train_seconds)
 
@@ -233,7 +240,8 @@ def plot(results, out_dir):
                label=r"Optimal hyperparameter $\lambda$")
     lambda_hat = float(results.lambda_trajectory[-1])
     xs = np.linspace(lambda_hat - DENSITY_HALF_WIDTH, lambda_hat + DENSITY_HALF_WIDTH, DENSITY_POINTS)
-    ax.plot(xs, YLIM[0] + norm.pdf(xs, lambda_hat, DENSITY_STD) / DENSITY_DIVISOR, "g-", linewidth=LINE_WIDTH,
+    density = np.exp(-0.5 * ((xs - lambda_hat) / DENSITY_STD) ** 2) / (DENSITY_STD * np.sqrt(2 * np.pi))
+    ax.plot(xs, YLIM[0] + density / DENSITY_DIVISOR, "g-", linewidth=LINE_WIDTH,
             label=r"$p(\lambda|\hat{\lambda})$")
     ax.set_xlim(lams[0], lams[-1])
     ax.set_ylim(*YLIM)
