@@ -60,13 +60,13 @@ def test_script_end_to_end_and_replot(tmp_path):
     assert {"lambda_star", "lambda_phi_star"} <= set(summary)
     for name in names:
         (tmp_path / name).unlink()
-    out = subprocess.run(cmd + ["--replot"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert lm.main(["--out-dir", str(tmp_path), "--replot"]) == 0  # redraw from the saved results only
     assert all((tmp_path / name).exists() for name in names)
 
 
-def test_replot_without_results_is_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, str(CODE / "loss_manifold.py"), "--out-dir", str(tmp_path), "--replot"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
-    assert out.stderr.startswith("error:") and len(out.stderr.strip().splitlines()) == 1
+def test_replot_without_results_is_one_line_error(tmp_path, capsys):
+    from common import run_main
+
+    assert run_main(lm.main, ["--out-dir", str(tmp_path), "--replot"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1

@@ -191,7 +191,8 @@ def test_quick_end_to_end_mnist(tmp_path, mnist_dir):
     res = run_script(tmp_path, "--data-dir", str(mnist_dir))
     assert res.returncode == 0, res.stderr
     summary = check_outputs(tmp_path / "out")
-    assert 0.3 < summary["true_best"] < 1.5
+    zero_model_loss = 50 * 0.1 + np.log(0.1) + 0.5 * np.log(2 * np.pi)  # predicting 0 for one-hot targets
+    assert 0.3 < summary["true_best"] < zero_model_loss - 0.05  # five Adam steps already help
 
 
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--n-train-tuples", "-3"], ["--n-models", "x"]])
