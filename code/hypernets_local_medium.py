@@ -87,10 +87,10 @@ class Config:
     # hyper-training (Algorithm 3)
     lambda_init: float = 0.0          # initial lambda_hat, every entry: the centre of the search box
     n_samples: int = 2                # hyperparameter samples per hypernetwork step (SPEC section 7)
-    sample_sd: float = 0.5            # lambda ~ N(lambda_hat, sample_sd^2), per entry
+    sample_sd: float = 1.0            # lambda ~ N(lambda_hat, sample_sd^2), per entry (not stated)
     inner_steps: int = 10             # hypernetwork steps per lambda_hat step (SPEC section 7 macros)
     hypernet_step: float = 1e-4       # Adam step size of the hypernetwork (SPEC section 7)
-    lambda_step: float = 0.01         # Adam step size of lambda_hat
+    lambda_step: float = 3e-3         # Adam step size of lambda_hat (paper 1e-4, released local code 0.01)
     eval_every: int = 20              # lambda_hat steps between validation/test checkpoints
     log_every: int = 500              # lambda_hat steps between hyper-training log lines
     # gradient-free baselines: every evaluation trains a fresh elementary model
