@@ -144,19 +144,6 @@ def key(*path):
     return get
 
 
-def first(*getters):
-    """Getter that returns the first available of several key paths (keys that differ between scripts)."""
-    def get(summary):
-        for getter in getters:
-            try:
-                return getter(summary)
-            except (KeyError, IndexError, TypeError, ValueError):
-                continue
-        raise KeyError(" or ".join(g.label for g in getters))
-    get.label = " or ".join(g.label for g in getters)
-    return get
-
-
 def derived(label, function):
     """Getter computed from several keys (e.g. a gap between two numbers)."""
     def get(summary):
@@ -211,11 +198,6 @@ NLL = fixed(3)           # losses on the Gaussian log-likelihood scale (about 0.
 ERR = significant(2)     # signed errors of predicted losses
 MSE = significant(3)     # mean squared errors (about 0.01 to 0.05)
 CONF = _math_g           # settings as written in the config (1.0 -> 1, 0.25 -> 0.25)
-
-
-def _config(*names):
-    """Getter for a setting in the saved config, under any of several names."""
-    return first(*(key("config", n) for n in names))
 
 
 def _scatter(prefix, model):
@@ -276,16 +258,6 @@ def _medium(prefix, method):
     ]
 
 
-def _total_runtime(methods):
-    """Sum of runtime_seconds over the entries of a dict of methods."""
-    def total(summary):
-        entries = methods(summary)
-        if not isinstance(entries, dict) or not entries:
-            raise ValueError("expected a non-empty dict of methods")
-        return sum(_number(entry["runtime_seconds"]) for entry in entries.values())
-    return derived(f"sum of {methods.label}.*.runtime_seconds", total)
-
-
 GLOBAL = key("lambda_star_cv"), key("lambda_star_hypernet")
 LOCAL = key("lambda_final"), key("lambda_star_cv")
 
@@ -319,9 +291,11 @@ EXPERIMENTS = {
         Macro("LocalValidLossFinal", key("valid_loss_final"), NLL),
         Macro("LocalIterations", key("iterations"), integer),
         Macro("LocalSeconds", key("seconds"), seconds),
-        Macro("LocalHyperBatch", _config("batch_size", "hyper_batch", "n_samples"), integer),
-        Macro("LocalHypernetStep", _config("hypernet_step_size", "hypernet_step", "step_size"), scientific),
-        Macro("LocalHyperStep", _config("hyper_step_size", "lambda_step_size", "lambda_step"), scientific),
+        Macro("LocalHyperBatch", key("config", "batch_size"), integer),
+        Macro("LocalHypernetStep", key("config", "hypernet_step_size"), scientific),
+        Macro("LocalHyperStep", key("config", "hyper_step_size"), scientific),
+        Macro("LocalSigma", key("config", "sigma"), CONF),
+        Macro("LocalCVIters", key("config", "cv_iters"), integer),
     ],
     # Section 5: analytic manifolds.
     "loss_manifold": [
@@ -374,7 +348,10 @@ EXPERIMENTS = {
         *_medium("Random", "random"),
         *_medium("Bayes", "bayesopt"),
         Macro("MediumBudget", key("budget_seconds"), seconds),
-        Macro("MediumSeconds", _total_runtime(key("methods")), seconds),
+        Macro("MediumSeconds", key("total_seconds"), seconds),
+        Macro("MediumHypernetSteps", key("methods", "hypernet", "hypernet_steps"), integer),
+        Macro("MediumLambdaSteps", key("methods", "hypernet", "lambda_steps"), integer),
+        Macro("MediumHypernetParams", key("hypernet_parameters"), integer),
         Macro("MediumFractionAhead", key("fraction_of_budget_hypernet_below_both"), percent),
     ],
 }
