@@ -117,10 +117,10 @@ def test_bad_arguments_and_missing_results(tmp_path, capsys):
 
 @pytest.mark.mnist
 def test_quick_run_on_real_mnist_improves_on_the_initial_model(mnist):
-    config = dataclasses.replace(med.Config(), **{**med.QUICK, "seconds": 1.0, "slice_seconds": 0.5})
+    config = dataclasses.replace(med.Config(), **{**med.QUICK, "seconds": 2.0, "slice_seconds": 0.5, "elementary_steps": 20})
     summary, arrays = med.run(config, scatter_splits(mnist), log=lambda line: None)
     start = med.init_losses(scatter_splits(mnist), config)[0]
     assert start == pytest.approx(3.616, abs=0.01)  # ~0 predictions: 50 * mean(t^2) - 1.384 = 5 - 1.384
     for method in med.METHODS:
-        assert arrays[f"{method}_best_valid"][0] == pytest.approx(start)
+        assert arrays[f"{method}_best_valid"][0] == pytest.approx(start, rel=1e-3)  # untrained model
         assert summary["methods"][method]["best_valid"] < start
