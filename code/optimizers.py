@@ -109,7 +109,27 @@ def _rebuild(tree, flat, start):
     for item in tree:
         rebuilt, start = _rebuild(item, flat, start)
         items.append(rebuilt)
-    return type(tree)(items), start
+    return _same_container(tree, items), start
+
+
+def _same_container(template, items):
+    """A list, tuple or namedtuple like template holding items."""
+    return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+
+
+def _split_like(tree):
+    """Differentiable flat vector -> tree shaped like `tree` (one np.split: its gradient is one concatenate)."""
+    cuts = np.cumsum([leaf.size for leaf in _leaves(tree)])[:-1]
+
+    def rebuild(flat):
+        parts = iter(anp.split(flat, cuts))
+
+        def build(node):
+            if isinstance(node, np.ndarray):
+                return anp.reshape(next(parts), node.shape)
+            return _same_container(node, [build(item) for item in node])
+        return build(tree)
+    return rebuild
 
 
 def _flatten(tree):
@@ -180,5 +200,16 @@ def stacked_grad(batched_loss):
 
 
 def train_stacked(batched_loss, params0, num_iters, step_size=1e-4, callback=None, b1=0.9, b2=0.999, eps=1e-8):
-    """Adam on K stacked models at once; identical to K separate Adam runs. Returns the final params."""
-    return adam(stacked_grad(batched_loss), params0, callback, num_iters, step_size, b1, b2, eps)
+    """Adam on K stacked models at once; identical to K separate Adam runs. Returns the final params.
+
+    The gradient is taken with respect to one flat vector that the loss sees split into params0's shapes:
+    same numbers as differentiating the parameter list, without autograd's zero-filled copies of every
+    array for each container level (millions of weights each step when K is large)."""
+    leaves = _leaves(params0)
+    if not leaves or any(leaf.dtype != np.float64 for leaf in leaves):
+        return adam(stacked_grad(batched_loss), params0, callback, num_iters, step_size, b1, b2, eps)
+    flat0, unflatten = _flatten(params0)
+    rebuild = _split_like(params0)
+    flat_grad = stacked_grad(lambda flat, i: batched_loss(rebuild(flat), i))
+    flat_callback = None if callback is None else (lambda x, i, g: callback(unflatten(x), i, unflatten(g)))
+    return unflatten(adam(flat_grad, flat0, flat_callback, num_iters, step_size, b1, b2, eps))

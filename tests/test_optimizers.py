@@ -186,3 +186,23 @@ def test_adam_on_a_tree_is_bitwise_flat_adam():
     flat_out, flat_state = adam_with_state(flat_g, nn.flatten_params(tree), num_iters=3, step_size=0.1)
     np.testing.assert_array_equal(nn.flatten_params(tree_out), flat_out)
     np.testing.assert_array_equal(tree_state.v, flat_state.v)
+
+
+def test_train_stacked_callback_sees_the_tree_gradient():
+    rs = np.random.RandomState(3)
+    x, lams = rs.randn(5, 3), rs.randn(2, 2)
+    params0 = nn.stack_params([nn.init_mlp([3, 2], 0.5, rs) for _ in range(2)])
+
+    def batched_loss(params, i):
+        return nn.mse(nn.batched_mlp_predict(params, x * (i + 1)), 0.0 * x[:, :2]) + nn.class_norm_regulariser(
+            params[0][0], lams)
+
+    seen = []
+    final = train_stacked(batched_loss, params0, 3, step_size=0.1, callback=lambda p, i, g: seen.append((p, i, g)))
+    assert [i for _, i, _ in seen] == [0, 1, 2]
+    params1, _, g1 = seen[1]
+    assert isinstance(params1, list) and isinstance(params1[0], tuple) and params1[0][0].shape == (2, 3, 2)
+    expected = grad(lambda p: anp.sum(batched_loss(p, 1)))(params1)
+    np.testing.assert_allclose(nn.flatten_params(g1), nn.flatten_params(expected), rtol=1e-13)
+    reference = adam(grad(lambda p, i: anp.sum(batched_loss(p, i))), params0, num_iters=3, step_size=0.1)
+    np.testing.assert_array_equal(nn.flatten_params(final), nn.flatten_params(reference))
