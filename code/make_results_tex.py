@@ -89,6 +89,13 @@ def minutes(value):
     return _math(f"{_number(value) / 60:.1f}")
 
 
+def number_list(values):
+    """A short list of settings: [-12.0, -10.0] -> -12, -10."""
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{values!r} is not a non-empty list")
+    return _math(", ".join(f"{_number(v):g}" for v in values))
+
+
 def seconds_or_never(value):
     """A runtime with its unit ('12\\,s'), or words for null (a level the method did not reach in its budget)."""
     return r"\textup{not within the budget}" if value is None else seconds(value) + r"\,s"
@@ -315,6 +322,12 @@ EXPERIMENTS = {
         Macro("ScatterNHeldout", key("n_heldout"), integer),
         Macro("ScatterSeconds", key("seconds"), seconds),
         Macro("ScatterGroundTruthSeconds", key("ground_truth_seconds"), seconds),
+        Macro("ScatterModels", key("config", "n_models"), integer),
+        Macro("ScatterBatch", key("config", "batch_size"), integer),
+        Macro("ScatterGTSteps", key("config", "gt_steps"), integer),
+        Macro("ScatterGTDtype", key("config", "gt_dtype"), text),
+        Macro("ScatterFixedSteps", key("config", "fixed_steps"), integer),
+        Macro("ScatterStochSteps", key("config", "stochastic_steps"), integer),
     ],
     # Section 7: the experiments without released code.
     "hypernets_local_large": [
@@ -334,6 +347,7 @@ EXPERIMENTS = {
         Macro("LargeHypernetStep", key("config", "hypernet_step"), scientific),
         Macro("LargeLambdaStep", key("config", "lambda_step"), scientific),
         Macro("LargeBatch", key("config", "batch_size"), integer),
+        Macro("LargeInitScale", key("config", "init_scale"), scientific),
         Macro("LargeUnrolledToHyperLevel", key("target", "unrolled_seconds"), seconds_or_never),
         Macro("LargeSeconds", key("total_seconds"), seconds),
     ],
@@ -342,6 +356,9 @@ EXPERIMENTS = {
         *_layers("Two", 1),
         *_layers("Three", 2),
         Macro("LayersSeconds", key("total_seconds"), seconds),
+        Macro("LayersSearchGrid", key("config", "search_lambdas"), number_list),
+        Macro("LayersSearchSteps", key("config", "search_steps"), integer),
+        Macro("LayersSearchStep", key("config", "search_step"), scientific),
     ],
     "hypernets_local_medium": [
         *_medium("Hyper", "hypernet"),
@@ -352,6 +369,10 @@ EXPERIMENTS = {
         Macro("MediumHypernetSteps", key("methods", "hypernet", "hypernet_steps"), integer),
         Macro("MediumLambdaSteps", key("methods", "hypernet", "lambda_steps"), integer),
         Macro("MediumHypernetParams", key("hypernet_parameters"), integer),
+        Macro("MediumSampleSD", key("config", "sample_sd"), CONF),
+        Macro("MediumLambdaStep", key("config", "lambda_step"), scientific),
+        Macro("MediumLambdaInit", key("config", "lambda_init"), CONF),
+        Macro("MediumElementarySteps", key("config", "elementary_steps"), integer),
         Macro("MediumFractionAhead", key("fraction_of_budget_hypernet_below_both"), percent),
     ],
 }
