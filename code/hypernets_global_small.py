@@ -17,7 +17,16 @@ import numpy as np
 from autograd import value_and_grad
 
 import small_experiments as se
-from common import check_finite, experiment_parser, load_results, positive_float, run_main, save_results, step_rng
+from common import (
+    ExperimentError,
+    check_finite,
+    experiment_parser,
+    load_results,
+    positive_float,
+    run_main,
+    save_results,
+    step_rng,
+)
 from neural_network import hypernet_activation, hypernet_weights, init_hypernet
 from optimizers import adam
 from plotting import close, resolve_out_dir, save_figure, set_paper_style
@@ -33,7 +42,7 @@ class Config:
     data: str = "mnist"           # "mnist", or "synthetic" (tests only)
     init_scale: float = 0.01      # elementary and hypernetwork weights start as init_scale * N(0, 1)
     hidden_units: int = 50        # hypernetwork [1, hidden_units, 7850], ReLU
-    num_iters: int = 5000         # hypernetwork Adam steps (released code: up to 100,000, stopped by hand)
+    num_iters: int = 3000         # hypernetwork Adam steps (released code: up to 100,000, stopped by hand)
     step_size: float = 1e-4       # hypernetwork Adam step size
     batch_size: int = 10          # lambdas per step (paper text: 2)
     lambda_mean: float = 1.0      # p(lambda) = lambda_mean + lambda_std * N(0, 1) ... (paper text: N(0, 1.5))
@@ -47,7 +56,8 @@ class Config:
     cv_step_size: float = 1e-4
     sweep_lo: float = -2.0        # dense cross-validation sweep for lambda*: linspace(sweep_lo, sweep_hi, sweep_size),
     sweep_hi: float = 4.0         # its argmin refined by a parabola through the grid minimum and its two neighbours
-    sweep_size: int = 121
+                                  # (spacing 0.06; the sweep is smooth, halving the grid moves lambda* by < 0.005)
+    sweep_size: int = 101
     curve_lo: float = -2.0        # hypernetwork validation curve at linspace(curve_lo, curve_hi, curve_count)
     curve_hi: float = 4.0
     curve_count: int = 200
@@ -72,6 +82,7 @@ class Results(NamedTuple):
     iterations: int
     seconds: float                  # wall time of run(): cross-validation, training, evaluation
     train_seconds: float            # of which the hypernetwork's training loop
+    cpu_seconds: float              # CPU time of run() (all threads): comparable across machine loads
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -102,7 +113,7 @@ def hypernet_valid_loss(hyper_params, lambdas, splits):
 
 def run(config, splits):
     """Cross-validation baseline, then Adam on the hypernetwork; returns Results."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
                            se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
                            config.init_scale, config.seed, config.cv_step_size, config.cv_iters)
@@ -135,7 +146,8 @@ def run(config, splits):
     check_finite(curve, config.num_iters, "hypernetwork validation loss")
     return Results(config, cv, curve_lambdas, curve, at_cv, se.parabola_argmin(curve_lambdas, curve),
                    np.array(log_steps), np.array(log_objective), config.num_iters,
-                   time.perf_counter() - start, train_seconds)
+                   time.perf_counter() - start, train_seconds,
+                   time.process_time() - cpu_start)
 
 
 # ------------------------------------------------------------------------------------ save / load
@@ -159,18 +171,28 @@ def save(results, out_dir):
     arrays = {f"cv_{k}": np.asarray(v) for k, v in results.cv._asdict().items()}
     arrays.update(curve_lambdas=results.curve_lambdas, hypernet_valid=results.hypernet_valid,
                   hypernet_valid_at_cv=results.hypernet_valid_at_cv, log_steps=results.log_steps,
-                  log_objective=results.log_objective, train_seconds=results.train_seconds)
+                  log_objective=results.log_objective, train_seconds=results.train_seconds,
+                  cpu_seconds=results.cpu_seconds)
     return save_results(out_dir, NAME, summary_of(results), arrays)
 
 
 def load(out_dir):
     """Results saved by save(); no training, no data."""
     summary, arrays = load_results(out_dir, NAME)
+    try:
+        return _results_from(summary, arrays)
+    except (KeyError, TypeError) as err:
+        raise ExperimentError(f"saved results in {out_dir}/results are incomplete or from another version ({err});"
+                              " run without --replot") from None
+
+
+def _results_from(summary, arrays):
     cv = se.CVResult(**{k: arrays[f"cv_{k}"] for k in se.CVResult._fields if k != "lambda_star"},
                      lambda_star=summary["lambda_star_cv"])
     return Results(Config(**summary["config"]), cv, arrays["curve_lambdas"], arrays["hypernet_valid"],
                    arrays["hypernet_valid_at_cv"], summary["lambda_star_hypernet"], arrays["log_steps"],
-                   arrays["log_objective"], summary["iterations"], summary["seconds"], float(arrays["train_seconds"]))
+                   arrays["log_objective"], summary["iterations"], summary["seconds"], float(arrays["train_seconds"]),
+                   float(arrays["cpu_seconds"]))
 
 
 # ----------------------------------------------------------------------------------------- figure
@@ -179,6 +201,7 @@ FIGSIZE = (10, 10)       # inches
 FONT_SIZE = 28
 MARKER_SIZE = 28
 LINE_WIDTH = 1.0         # thin lines, as in the published figure
+DASHES = (6, 6)          # long dashes (on, off in points), as in the published figure
 DASHED_TOP = 0.67        # the dashed line rises to this fraction of the axes height, as published
 BOTTOM_PAD = 0.18        # space below the lowest point, as a fraction of the plotted range
 
@@ -194,8 +217,8 @@ def plot(results, out_dir):
             label="Cross-validation")
     ax.plot(results.curve_lambdas, results.hypernet_valid, "r-", linewidth=LINE_WIDTH,
             label="Optimized hypernetwork")
-    ax.axvline(cv.lambda_star, ymax=DASHED_TOP, color="k", linestyle="--", linewidth=LINE_WIDTH,
-               label=r"Optimal hyperparameter $\lambda^*$")
+    ax.axvline(cv.lambda_star, ymax=DASHED_TOP, color="k", linestyle="--", dashes=DASHES, linewidth=LINE_WIDTH,
+               label=r"Optimal hyperparameter $\lambda^{\ast}$")
     low = min(np.min(cv.valid_loss), np.min(results.hypernet_valid))
     high = max(np.max(cv.valid_loss), np.max(results.hypernet_valid))
     ax.set_xlim(results.curve_lambdas[0], results.curve_lambdas[-1])
@@ -244,7 +267,7 @@ def main(argv=None):
     print(f"lambda*: cross-validation {results.cv.lambda_star:.3f}, hypernetwork {results.lambda_star_hypernet:.3f};"
           f" mean |gap| at the crosses {np.mean(np.abs(results.hypernet_valid_at_cv - results.cv.valid_loss)):.4f};"
           f" {results.iterations} steps, {results.train_seconds / max(results.iterations, 1) * 1e3:.1f} ms per step;"
-          f" {results.seconds:.1f} s")
+          f" {results.seconds:.1f} s ({results.cpu_seconds:.1f} s of CPU)")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

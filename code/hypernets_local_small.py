@@ -17,7 +17,16 @@ import numpy as np
 from autograd import value_and_grad
 
 import small_experiments as se
-from common import check_finite, experiment_parser, load_results, positive_float, run_main, save_results, step_rng
+from common import (
+    ExperimentError,
+    check_finite,
+    experiment_parser,
+    load_results,
+    positive_float,
+    run_main,
+    save_results,
+    step_rng,
+)
 from neural_network import gaussian_nll, hypernet_activation, hypernet_weights, init_hypernet
 from optimizers import adam_init, adam_update
 from plotting import close, resolve_out_dir, save_figure, set_paper_style
@@ -47,7 +56,7 @@ class Config:
     cv_step_size: float = 1e-4
     sweep_lo: float = -2.0           # dense cross-validation sweep for lambda* (as in hypernets_global_small)
     sweep_hi: float = 4.0
-    sweep_size: int = 121
+    sweep_size: int = 101
     curve_lo: float = -2.0           # hypernetwork curves at linspace(curve_lo, curve_hi, curve_count)
     curve_hi: float = 4.0
     curve_count: int = 200
@@ -74,6 +83,7 @@ class Results(NamedTuple):
     iterations: int
     seconds: float                # wall time of run(): cross-validation, training, evaluation
     train_seconds: float          # of which the joint optimisation loop
+    cpu_seconds: float            # CPU time of run() (all threads): comparable across machine loads
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -147,7 +157,7 @@ def run(config, splits):
     """Cross-validation baseline, then joint optimisation of the hypernetwork and lambda_hat; returns Results."""
     if config.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {config.algorithm!r}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
                            se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
                            config.init_scale, config.seed, config.cv_step_size, config.cv_iters)
@@ -165,7 +175,8 @@ def run(config, splits):
     valid_curve = se.evaluate_loss(curve_weights, splits.valid_x, splits.valid_y)
     valid_final = valid_loss_and_slope(hyper, trajectory[-1], splits.valid_x, splits.valid_y)[0]
     return Results(config, cv, curve_lambdas, train_curve, valid_curve, np.array(trajectory), np.array(objectives),
-                   np.array(valid_losses), valid_final, config.num_iters, time.perf_counter() - start, train_seconds)
+                   np.array(valid_losses), valid_final, config.num_iters, time.perf_counter() - start, train_seconds,
+                   time.process_time() - cpu_start)
 
 
 # ------------------------------------------------------------------------------------ save / load
@@ -196,19 +207,28 @@ def save(results, out_dir):
     arrays = {f"cv_{k}": np.asarray(v) for k, v in results.cv._asdict().items()}
     arrays.update(curve_lambdas=results.curve_lambdas, hypernet_train=results.hypernet_train,
                   hypernet_valid=results.hypernet_valid, lambda_trajectory=results.lambda_trajectory,
-                  objective=results.objective, valid_loss=results.valid_loss, train_seconds=results.train_seconds)
+                  objective=results.objective, valid_loss=results.valid_loss, train_seconds=results.train_seconds,
+                  cpu_seconds=results.cpu_seconds)
     return save_results(out_dir, NAME, summary_of(results), arrays)
 
 
 def load(out_dir):
     """Results saved by save(); no training, no data."""
     summary, arrays = load_results(out_dir, NAME)
+    try:
+        return _results_from(summary, arrays)
+    except (KeyError, TypeError) as err:
+        raise ExperimentError(f"saved results in {out_dir}/results are incomplete or from another version ({err});"
+                              " run without --replot") from None
+
+
+def _results_from(summary, arrays):
     cv = se.CVResult(**{k: arrays[f"cv_{k}"] for k in se.CVResult._fields if k != "lambda_star"},
                      lambda_star=summary["lambda_star_cv"])
     return Results(Config(**summary["config"]), cv, arrays["curve_lambdas"], arrays["hypernet_train"],
                    arrays["hypernet_valid"], arrays["lambda_trajectory"], arrays["objective"], arrays["valid_loss"],
                    summary["valid_loss_final"], summary["iterations"], summary["seconds"],
-                   float(arrays["train_seconds"]))
+                   float(arrays["train_seconds"]), float(arrays["cpu_seconds"]))
 
 
 # ----------------------------------------------------------------------------------------- figure
@@ -217,6 +237,7 @@ FIGSIZE = (10, 10)        # inches (the legend sits above the axes, outside this
 FONT_SIZE = 28
 MARKER_SIZE = 28
 LINE_WIDTH = 1.0          # thin lines, as in the published figure
+DASHES = (6, 6)           # long dashes (on, off in points), as in the published figure
 YLIM = (-1.5, 3.8)        # released code's y-limits
 DENSITY_STD = 0.06        # the green curve: N(lambda_hat, DENSITY_STD) over lambda_hat +- DENSITY_HALF_WIDTH,
 DENSITY_HALF_WIDTH = 0.5  # divided by DENSITY_DIVISOR and standing on the bottom of the axes (released code)
@@ -236,7 +257,7 @@ def plot(results, out_dir):
     ax.plot(lams, results.hypernet_train, "b-", linewidth=LINE_WIDTH, label="Train loss of hypernetwork weights")
     ax.plot(cv.lambdas, cv.valid_loss, color="r", label="Valid. loss of optimized weights", **cross)
     ax.plot(lams, results.hypernet_valid, "r-", linewidth=LINE_WIDTH, label="Valid. loss of hypernetwork weights")
-    ax.axvline(cv.lambda_star, color="k", linestyle="--", linewidth=LINE_WIDTH,
+    ax.axvline(cv.lambda_star, color="k", linestyle="--", dashes=DASHES, linewidth=LINE_WIDTH,
                label=r"Optimal hyperparameter $\lambda$")
     lambda_hat = float(results.lambda_trajectory[-1])
     xs = np.linspace(lambda_hat - DENSITY_HALF_WIDTH, lambda_hat + DENSITY_HALF_WIDTH, DENSITY_POINTS)
@@ -293,7 +314,7 @@ def main(argv=None):
     print(f"lambda_hat: {summary['lambda_init']:.3f} -> {summary['lambda_final']:.3f}"
           f" (cross-validation lambda* {summary['lambda_star_cv']:.3f}); valid loss {summary['valid_loss_final']:.4f};"
           f" {results.iterations} steps, {results.train_seconds / max(results.iterations, 1) * 1e3:.1f} ms per step;"
-          f" {results.seconds:.1f} s")
+          f" {results.seconds:.1f} s ({results.cpu_seconds:.1f} s of CPU)")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -146,6 +146,18 @@ def test_replot_without_results_is_a_one_line_error(tmp_path, capsys):
     assert err.startswith("error:") and err.count("\n") == 1 and "--replot" in err
 
 
+def test_replot_of_foreign_results_is_a_one_line_error(tmp_path, capsys, splits):
+    local.save(local.run(local.Config(data="synthetic", **TINY_LOCAL), splits), tmp_path)
+    path = tmp_path / "results" / "hypernets_local_small.json"
+    summary = json.loads(path.read_text())
+    summary["config"]["no_such_setting"] = 1
+    path.write_text(json.dumps(summary))
+    capsys.readouterr()
+    assert run_main(local.main, ["--replot", "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and "another version" in err
+
+
 @pytest.mark.parametrize("module, tiny", [(glob, TINY_GLOBAL), (local, TINY_LOCAL)])
 def test_same_seed_gives_identical_numbers(module, tiny, splits, tmp_path):
     config = module.Config(data="synthetic", **tiny)
