@@ -15,6 +15,7 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
+from threadpoolctl import threadpool_limits
 
 import small_experiments as se
 from common import (
@@ -40,6 +41,7 @@ class Config:
 
     seed: int = 7                 # initialisations from RandomState(seed); step t's lambdas from step_rng(seed, t)
     data: str = "mnist"           # "mnist", or "synthetic" (tests only)
+    blas_threads: int = 1         # BLAS threads during run(): the products are small, extra threads only wait
     init_scale: float = 0.01      # elementary and hypernetwork weights start as init_scale * N(0, 1)
     hidden_units: int = 50        # hypernetwork [1, hidden_units, 7850], ReLU
     num_iters: int = 3000         # hypernetwork Adam steps (released code: up to 100,000, stopped by hand)
@@ -112,6 +114,12 @@ def hypernet_valid_loss(hyper_params, lambdas, splits):
 # ------------------------------------------------------------------------------------------- run
 
 def run(config, splits):
+    """run_experiment with at most config.blas_threads BLAS threads (two made the run 9x slower on a busy machine)."""
+    with threadpool_limits(limits=config.blas_threads):
+        return run_experiment(config, splits)
+
+
+def run_experiment(config, splits):
     """Cross-validation baseline, then Adam on the hypernetwork; returns Results."""
     start, cpu_start = time.perf_counter(), time.process_time()
     cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
+from threadpoolctl import threadpool_limits
 
 import small_experiments as se
 from common import (
@@ -41,6 +42,7 @@ class Config:
 
     seed: int = 7                    # initialisations from RandomState(seed); step t's samples from step_rng(seed, t)
     data: str = "mnist"              # "mnist", or "synthetic" (tests only)
+    blas_threads: int = 1            # BLAS threads during run(): the products are small, extra threads only wait
     algorithm: str = "joint"         # "joint" (Algorithm 3) or "simplified" (Algorithm 4: train at lambda_hat itself)
     init_scale: float = 0.01         # elementary and hypernetwork weights start as init_scale * N(0, 1)
     lambda_init: float = -3.5        # starting lambda_hat
@@ -154,6 +156,12 @@ def optimise_jointly(config, splits):
 
 
 def run(config, splits):
+    """run_experiment with at most config.blas_threads BLAS threads (two made the run 9x slower on a busy machine)."""
+    with threadpool_limits(limits=config.blas_threads):
+        return run_experiment(config, splits)
+
+
+def run_experiment(config, splits):
     """Cross-validation baseline, then joint optimisation of the hypernetwork and lambda_hat; returns Results."""
     if config.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {config.algorithm!r}")
