@@ -61,14 +61,21 @@ class Config:
     target_b: float = 20.0
 
 
-def best_time(fn, repeats):
-    """(smallest wall-clock time in seconds over `repeats` calls, the last result)."""
-    best, result = np.inf, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+def best_times(fns, repeats, log=None):
+    """{name: (smallest wall-clock seconds over `repeats` calls, last result)} for a dict of functions.
+
+    The functions take turns within each round, so that a change in the machine's load (it is shared)
+    affects them alike instead of favouring whichever ran last."""
+    best = {name: (np.inf, None) for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            best[name] = (min(best[name][0], elapsed), result)
+            if log:
+                log(f"  round {r + 1}/{repeats}: {name} {elapsed:.2f} s")
+    return best
 
 
 def check_agreement(what, diff, scale, rtol=1e-9):
@@ -143,9 +150,9 @@ def bench_hypernet_step(config, train_x, train_y, repeats):
         return adam(lambda p, i: gradient(p, sample_lambdas(config, i), x, y, layers), hyper,
                     num_iters=config.timed_steps, step_size=config.hyper_step_size)
 
-    t_loop, new_loop = best_time(lambda: train(hyper_grad_loop), repeats)
-    t_batch, new_batch = best_time(lambda: train(batched_grad), repeats)
-    t_inner, _ = best_time(lambda: train(inner_loop_grad), repeats)
+    times = best_times({"loop": lambda: train(hyper_grad_loop), "batched": lambda: train(batched_grad),
+                        "inner": lambda: train(inner_loop_grad)}, repeats)
+    (t_loop, new_loop), (t_batch, new_batch), (t_inner, _) = times["loop"], times["batched"], times["inner"]
     lambdas = sample_lambdas(config, 0)
     g_loop = flatten(hyper_grad_loop(hyper, lambdas, x, y, layers))[0]
     g_batch = flatten(batched_grad(hyper, lambdas, x, y, layers))[0]
@@ -212,14 +219,9 @@ def bench_stacked(config, train_x, train_y, repeats, log=print):
             x = train_x[starts[i]:starts[i] + B]
             np.dot(x.T, np.dot(x, W_wide))
 
-    t_products, _ = best_time(products_only, repeats)
-    log(f"(b) the two dense products alone: {t_products:.2f} s")
-    t_batch, res_batch = best_time(batched, repeats)
-    log(f"(b) batched (K, D, O) layout: {t_batch:.2f} s")
-    t_wide, res_wide = best_time(wide, repeats)
-    log(f"(b) batched wide (D, K*O) layout: {t_wide:.2f} s")
-    t_loop, res_loop = best_time(loop, repeats)
-    log(f"(b) loop over {K} models: {t_loop:.2f} s")
+    times = best_times({"two dense products alone": products_only, "batched (K, D, O) layout": batched,
+                        "batched wide (D, K*O) layout": wide, f"loop over {K} models": loop}, repeats, log)
+    (t_products, _), (t_batch, res_batch), (t_wide, res_wide), (t_loop, res_loop) = times.values()
     stacked_loop = [(np.stack([r[0][0] for r in res_loop]), np.stack([r[0][1] for r in res_loop]))]
     moved = float(np.max(np.abs(res_batch[0][0] - W0)))
     scale = float(np.max(np.abs(flatten(stacked_loop)[0])))
