@@ -34,6 +34,19 @@ def check_finite(value, step, what="objective"):
 
 # -------------------------------------------------------------------------------------- atomic I/O
 
+def _default_mode():
+    """Permission bits a plain open() would give a new file (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def replace_readable(tmp, path):
+    """Rename a finished temporary file over path with normal permissions (mkstemp makes them 0600)."""
+    os.chmod(tmp, _default_mode())
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file in the same folder and a rename."""
     path = Path(path)
@@ -42,7 +55,7 @@ def atomic_write_bytes(path, data):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        replace_readable(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

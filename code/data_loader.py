@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from common import replace_readable
+
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
@@ -151,7 +153,7 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
             parse_idx(decompress(Path(tmp).read_bytes(), spec.name), spec)  # verify before keeping it
-            os.replace(tmp, target)
+            replace_readable(tmp, target)
             return target
         except urllib.error.HTTPError as err:
             failures.append(f"{url} (HTTP {err.code} {err.reason})")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import matplotlib
 
+from common import replace_readable
+
 matplotlib.use("Agg")  # headless by default; no screen is ever needed
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -38,7 +40,7 @@ def _atomic_savefig(fig, path, **kwargs):
     os.close(fd)
     try:
         fig.savefig(tmp, format=path.suffix[1:], **kwargs)
-        os.replace(tmp, path)
+        replace_readable(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
