@@ -89,6 +89,13 @@ def minutes(value):
     return _math(f"{_number(value) / 60:.1f}")
 
 
+def word(value):
+    """A word chosen by a comparison (see _choose); only plain letters and spaces pass."""
+    if not isinstance(value, str) or not all(c.isalpha() or c in " -" for c in value):
+        raise ValueError(f"{value!r} is not a plain word")
+    return value
+
+
 def number_list(values):
     """A short list of settings: [-12.0, -10.0] -> -12, -10."""
     if not isinstance(values, list) or not values:
@@ -151,6 +158,14 @@ def key(*path):
     return get
 
 
+def const(value):
+    """Getter of a fixed value (the zero that a mean error is compared with)."""
+    def get(summary):
+        return value
+    get.label = repr(value)
+    return get
+
+
 def derived(label, function):
     """Getter computed from several keys (e.g. a gap between two numbers)."""
     def get(summary):
@@ -170,6 +185,21 @@ def _mean_abs_gap(a, b):
             raise ValueError("expected two lists of equal, non-zero length")
         return sum(abs(_number(x) - _number(y)) for x, y in zip(xs, ys, strict=True)) / len(xs)
     return derived(f"mean |{a.label} - {b.label}|", gap)
+
+
+def _choose(label, condition, yes, no):
+    """Getter of a word that states a comparison, so that sentences about the results follow the numbers."""
+    def get(summary):
+        flag = condition(summary)
+        if not isinstance(flag, bool):
+            raise ValueError(f"{flag!r} is not a boolean")
+        return yes if flag else no
+    return derived(label, get)
+
+
+def _less(a, b, yes, no):
+    """Word yes when the number a is below the number b, else no."""
+    return _choose(f"{a.label} < {b.label}", lambda s: _number(a(s)) < _number(b(s)), yes, no)
 
 
 def _last(getter):
@@ -252,6 +282,8 @@ def _layers(prefix, index):
         Macro(f"Layers{prefix}HandTest", model("hand_tuned", "best_test"), MSE),
         Macro(f"Layers{prefix}HandLambda", model("hand_tuned", "best_lambda"), LAMBDA),
         Macro(f"Layers{prefix}Seconds", model("seconds"), seconds),
+        Macro(f"Layers{prefix}VsHandWord",
+              _less(model("final_valid"), model("hand_tuned", "best_valid"), "below", "above"), word),
     ]
 
 
@@ -317,6 +349,15 @@ EXPERIMENTS = {
         *_scatter("GP", "gp"),
         *_scatter("Fixed", "hypernet_fixed"),
         *_scatter("Stoch", "hypernet_stochastic"),
+        Macro("ScatterStochSpreadWord", _choose(
+            "hypernet_stochastic.error_std < gp and hypernet_fixed error_std",
+            lambda s: _number(s["hypernet_stochastic"]["error_std"])
+            < min(_number(s["gp"]["error_std"]), _number(s["hypernet_fixed"]["error_std"])),
+            "the smallest", "not the smallest"), word),
+        Macro("ScatterGPBiasWord", _less(key("gp", "error_mean"), const(0.0), "under-predicts", "over-predicts"),
+              word),
+        Macro("ScatterFixedBiasWord", _less(key("hypernet_fixed", "error_mean"), const(0.0), "under-predicts",
+                                            "over-predicts"), word),
         Macro("ScatterTrueBest", key("true_best"), NLL),
         Macro("ScatterNTrain", key("n_train_tuples"), integer),
         Macro("ScatterNHeldout", key("n_heldout"), integer),
@@ -350,12 +391,20 @@ EXPERIMENTS = {
         Macro("LargeInitScale", key("config", "init_scale"), scientific),
         Macro("LargeUnrolledToHyperLevel", key("target", "unrolled_seconds"), seconds_or_never),
         Macro("LargeSeconds", key("total_seconds"), seconds),
+        Macro("LargeValidWord", _less(key("hyper", "final_valid"), key("unrolled", "final_valid"), "lower", "higher"),
+              word),
+        Macro("LargeTestWord", _less(key("hyper", "final_test"), key("unrolled", "final_test"), "lower", "higher"),
+              word),
+        Macro("LargeTargetWord", _choose("target.met", key("target", "met"), "does", "does not"), word),
     ],
     "compare_number_layers": [
         *_layers("One", 0),
         *_layers("Two", 1),
         *_layers("Three", 2),
         Macro("LayersSeconds", key("total_seconds"), seconds),
+        Macro("LayersDeeperWord", _choose("target.deeper_models_below_linear_valid",
+                                          key("target", "deeper_models_below_linear_valid"),
+                                          "both end", "do not both end"), word),
         Macro("LayersSearchGrid", key("config", "search_lambdas"), number_list),
         Macro("LayersSearchSteps", key("config", "search_steps"), integer),
         Macro("LayersSearchStep", key("config", "search_step"), scientific),
@@ -374,6 +423,8 @@ EXPERIMENTS = {
         Macro("MediumLambdaInit", key("config", "lambda_init"), CONF),
         Macro("MediumElementarySteps", key("config", "elementary_steps"), integer),
         Macro("MediumFractionAhead", key("fraction_of_budget_hypernet_below_both"), percent),
+        Macro("MediumEndWord", _choose("hypernet_below_both_at_end", key("hypernet_below_both_at_end"),
+                                       "the lowest", "not the lowest"), word),
     ],
 }
 
