@@ -76,6 +76,32 @@ def test_macros_from_crafted_json(tmp_path, capsys):
     assert r"\AllResultsPresentfalse" in out.read_text()
 
 
+def test_comparison_words_and_nested_results(tmp_path, capsys):
+    results = tmp_path / "results"
+    run = {"final_valid": 0.0413, "final_test": 0.0398, "best_valid": 0.0412, "test_at_best_valid": 0.0398,
+           "seconds_to_1pct_of_final_valid": 16.2, "steps": 1833, "seconds": 240.0}
+    _write_json(results, "hypernets_local_large", {
+        "hyper": run, "unrolled": {**run, "final_valid": 0.0399, "final_test": 0.0401},
+        "target": {"met": False, "unrolled_seconds": None}, "total_seconds": 512.0})
+    model = {"final_valid": 0.02, "hand_tuned": {"best_valid": 0.03}, "n_hyperparameters": 7850}
+    _write_json(results, "compare_number_layers", {
+        "models": {"784-10": model, "784-100-10": {**model, "final_valid": 0.04}, "784-100-100-10": model},
+        "target": {"deeper_models_below_linear_valid": False}})
+    out = tmp_path / "results.tex"
+    rc, _ = _run(results, out, capsys)
+    assert rc == 0
+    macros = _macros(out.read_text())
+    assert macros["LargeValidWord"] == "higher" and macros["LargeTestWord"] == "higher"
+    assert macros["LargeTargetWord"] == "does not"
+    assert macros["LargeUnrolledToHyperLevel"] == r"\textup{not within the budget}"
+    assert macros["LargeHyperSteps"] == r"\ensuremath{1{,}833}"
+    assert macros["LayersOneName"] == "784--10" and macros["LayersThreeName"] == "784--100--100--10"
+    assert macros["LayersOneVsHandWord"] == "below" and macros["LayersTwoVsHandWord"] == "above"
+    assert macros["LayersDeeperWord"] == "do not both end"
+    assert macros["LayersTwoNumHypers"] == r"\ensuremath{7{,}850}"
+    assert macros["LargeBudget"] == NA  # no config in this summary
+
+
 def test_missing_json_gives_na_and_one_warning_per_file(tmp_path, capsys):
     out = tmp_path / "results.tex"
     rc, err = _run(tmp_path / "nothing-here", out, capsys)
