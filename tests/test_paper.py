@@ -91,7 +91,7 @@ def test_comparison_words_and_nested_results(tmp_path, capsys):
     rc, _ = _run(results, out, capsys)
     assert rc == 0
     macros = _macros(out.read_text())
-    assert macros["LargeValidWord"] == "higher" and macros["LargeTestWord"] == "higher"
+    assert macros["LargeValidWord"] == "higher" and macros["LargeTestWord"] == "lower"
     assert macros["LargeTargetWord"] == "does not"
     assert macros["LargeUnrolledToHyperLevel"] == r"\textup{not within the budget}"
     assert macros["LargeHyperSteps"] == r"\ensuremath{1{,}833}"
