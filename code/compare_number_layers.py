@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import autograd.numpy as anp
 import numpy as np
 from autograd import grad
+from threadpoolctl import threadpool_limits
 
 from common import (
     check_finite,
@@ -83,6 +84,7 @@ class Config:
     search_lambdas: tuple = (-12.0, -10.0, -8.0, -6.0)
     search_steps: int = 1000              # Adam steps of each searched model
     search_step: float = 1e-3             # Adam step size of the search
+    blas_threads: int = 1                 # BLAS threads while training (more only wait on a busy machine)
     synthetic: bool = False
 
 
@@ -325,7 +327,9 @@ def main(argv=None):
         return 0
     config = build_config(args)
     splits = load_splits(config, args.data_dir)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow surfaces as a one-line DivergenceError
+    # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two threads
+    # on a busy 2-core machine made a development run almost stall.
+    with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
         summary, arrays = run(config, splits)
     save_results(out_dir, NAME, summary, arrays)
     report(summary)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import value_and_grad
+from threadpoolctl import threadpool_limits
 
 from common import (
     ExperimentError,
@@ -97,6 +98,7 @@ class Config:
     unroll_valid_batch: int = 0       # validation points per hypergradient; 0 = the full validation set
     unroll_eval_every: int = 2        # outer steps between evaluations
     unroll_log_every: int = 10        # outer steps between progress lines
+    blas_threads: int = 1             # BLAS threads while training (more only wait on a busy machine)
     synthetic: bool = False           # tests: synthetic stand-in data
 
 
@@ -393,7 +395,9 @@ def main(argv=None):
         return 0
     config = build_config(args)
     splits = load_splits(config, args.data_dir)
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow surfaces as a one-line DivergenceError
+    # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two threads
+    # on a busy 2-core machine made a development run almost stall.
+    with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
         summary, arrays = run(config, splits)
     save_results(out_dir, NAME, summary, arrays)
     report(summary)
