@@ -18,7 +18,7 @@ run_experiments = set -e; for s in $(EXPERIMENTS); do \
 	  extra=; if [ $$s = learn_vs_true_loss_scatter ]; then extra=--table; fi; \
 	  echo "== $$s.py $$extra $(1)"; $(PY) code/$$s.py $$extra $(1); done
 
-.PHONY: venv test lint data figures results-tex paper reproduce quick
+.PHONY: venv test lint data figures results-tex paper reproduce quick benchmark
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -35,6 +35,9 @@ lint: venv
 
 data: venv
 	cd code && ../$(PY) data_loader.py
+
+benchmark: venv
+	cd code && OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ../$(PY) benchmark.py
 
 figures: venv data
 	@$(call run_experiments,)
