@@ -224,7 +224,8 @@ def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index, ret
 
 def ground_truth_chunk_losses(lambdas, train_x, train_y, gram, config, chunk_index):
     """Validation losses (K,) of one trained chunk; runs single-threaded so every --jobs gives equal bits."""
-    from threadpoolctl import threadpool_limits
+    from scipy.linalg import blas  # noqa: F401  scipy's own BLAS must be loaded before the limit is set,
+    from threadpoolctl import threadpool_limits  # or the first chunk in a process runs it multi-threaded
 
     with threadpool_limits(limits=1):
         Wt, b = train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index)

@@ -74,13 +74,28 @@ def test_divergence_is_reported_with_its_step(splits):
         lvt.train_ground_truth_chunk(lvt.sample_lambdas(config)[:2], splits.train_x, splits.train_y, config, 0)
 
 
-def test_jobs_2_equals_jobs_1(splits):
-    config = tiny()
-    lam1, loss1 = lvt.compute_ground_truth(config, splits, jobs=1, log=lambda s: None)
-    lam2, loss2 = lvt.compute_ground_truth(config, splits, jobs=2, log=lambda s: None)
-    np.testing.assert_array_equal(lam1, lam2)
+JOBS1_SCRIPT = """
+import dataclasses, sys
+import numpy as np
+import learn_vs_true_loss_scatter as lvt
+from data_loader import scatter_splits, synthetic_mnist
+config = dataclasses.replace(lvt.Config(), **{config!r})
+splits = scatter_splits(synthetic_mnist(), 1500, 500, 0)
+np.save(sys.argv[1], lvt.compute_ground_truth(config, splits, jobs=1, log=lambda s: None)[1])
+"""
+
+
+def test_jobs_2_equals_jobs_1(splits, tmp_path):
+    # Realistic chunks (64 models: BLAS would use several threads if it could) and --jobs 1 in a fresh
+    # process, where the first chunk is the one that would see an unlimited BLAS.
+    kw = {**TINY, "n_models": 128, "chunk_size": 64, "gt_steps": 3}
+    code = JOBS1_SCRIPT.format(config=kw)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "jobs1.npy")], check=True, cwd=CODE, timeout=300)
+    loss1 = np.load(tmp_path / "jobs1.npy")
+    lam2, loss2 = lvt.compute_ground_truth(tiny(**kw), splits, jobs=2, log=lambda s: None)
+    np.testing.assert_array_equal(lam2, lvt.sample_lambdas(tiny(**kw)))
     np.testing.assert_array_equal(loss1, loss2)
-    assert loss1.shape == (12,) and np.all(np.isfinite(loss1)) and np.ptp(loss1) > 0
+    assert loss1.shape == (128,) and np.all(np.isfinite(loss1)) and np.ptp(loss1) > 0
 
 
 def test_cache_used_rebuilt_on_other_settings_and_corruption(splits, tmp_path, capsys, monkeypatch):
