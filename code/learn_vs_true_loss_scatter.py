@@ -46,7 +46,7 @@ N_CLASSES = 10
 MODELS = ("gp", "hypernet_fixed", "hypernet_stochastic")
 # Random streams derived from (seed, index, stream): keep them apart.
 STREAM_GT, STREAM_FIXED, STREAM_STOCHASTIC = 61, 62, 63
-CACHE_VERSION = 1  # bump when the ground-truth computation changes
+CACHE_VERSION = 2  # bump when the ground-truth computation changes (2: BLAS axpy in Adam)
 
 
 @dataclass(frozen=True)
@@ -164,23 +164,24 @@ def chunk_offsets(config, chunk_index):
     return rng.randint(0, config.n_train_points - config.batch_size, size=config.gt_steps)
 
 
-def _adam_inplace(x, g, m, v, t, config, eps=1e-8, b1=0.9, b2=0.999):
-    """Bias-corrected Adam step on x, in place, with g as scratch (destroyed).
+def _adam_inplace(x, g, m, v, s, t, config, axpy, eps=1e-8, b1=0.9, b2=0.999):
+    """Bias-corrected Adam step on x (flat, in place); g holds the gradient, s is scratch.
 
-    Moments are kept rescaled, m' = m / (1 - b1) and v' = v / (1 - b2), which saves two passes:
-    m' <- b1 m' + g, v' <- b2 v' + g^2,  x <- x - a_t m' / (sqrt(v') + e_t) with the constants below."""
-    m *= b1
-    m += g
-    np.square(g, out=g)
-    v *= b2
-    v += g
+    Moments are kept rescaled, m' = m / (1 - b1) and v' = v / (1 - b2):
+        m' <- b1 m' + g,  v' <- b2 v' + g^2,  x <- x - a_t m' / (sqrt(v') + e_t)   (constants below),
+    as 7 passes over the arrays: the BLAS axpy y <- a x + y writes the new moments into the buffers of g
+    and g^2, so the four buffers change roles. Returns the (m, v, gradient, scratch) buffers for next step."""
+    np.multiply(g, g, out=s)
+    axpy(v, s, a=b2)                              # s <- b2 v' + g^2: the new v'
+    axpy(m, g, a=b1)                              # g <- b1 m' + g:   the new m'
+    m, v, g, s = g, s, m, v
     c2 = np.sqrt((1 - b2) / (1 - b2 ** t))        # sqrt(v_hat) = c2 sqrt(v')
     a_t = config.step_size * (1 - b1) / (1 - b1 ** t) / c2
     np.sqrt(v, out=g)
     g += eps / c2
     np.divide(m, g, out=g)
-    g *= a_t
-    x -= g
+    axpy(g, x, a=-a_t)                            # x <- x - a_t m' / (sqrt(v') + e_t)
+    return m, v, g, s
 
 
 def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index, return_weights=False):
@@ -198,8 +199,9 @@ def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index, ret
     W0, b0 = initial_elementary(config)
     Wt = np.ascontiguousarray(np.tile(W0.T, (K, 1)), dtype=dtype)
     b = np.tile(b0, K).astype(dtype)
-    m, v, G = np.zeros_like(Wt), np.zeros_like(Wt), np.empty_like(Wt)  # Adam moments, gradient/scratch
-    mb, vb = np.zeros_like(b), np.zeros_like(b)
+    m, v, G, S = np.zeros_like(Wt), np.zeros_like(Wt), np.empty_like(Wt), np.empty_like(Wt)  # moments, grad, scratch
+    mb, vb, Sb = np.zeros_like(b), np.zeros_like(b), np.empty_like(b)
+    axpy = blas.daxpy if dtype == np.float64 else blas.saxpy
     Y = np.empty((K * C, B), dtype)
     reg = (np.exp(lambdas) / C).ravel().astype(dtype)  # d/dw_c of exp(l_c)/C ||w_c|| = reg_c w_c / ||w_c||
     x_all, t_all = train_x.astype(dtype, copy=False), train_y.astype(dtype, copy=False)
@@ -217,8 +219,9 @@ def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index, ret
             norms = np.sqrt(np.einsum("ij,ij->i", Wt, Wt))
             np.multiply(Wt, (reg / norms)[:, None], out=G)  # regulariser gradient ...
             gemm(1.0, xb.T, Y.T, beta=1.0, c=G.T, overwrite_c=True)  # ... + X' dL/dy, accumulated in place
-            _adam_inplace(Wt, G, m, v, i + 1, config)
-            _adam_inplace(b, gb, mb, vb, i + 1, config)
+            m, v, G, S = _adam_inplace(Wt.ravel(), G.ravel(), m.ravel(), v.ravel(), S.ravel(), i + 1, config, axpy)
+            m, v, G, S = (a.reshape(Wt.shape) for a in (m, v, G, S))
+            mb, vb, gb, Sb = _adam_inplace(b, gb, mb, vb, Sb, i + 1, config, axpy)
     return Wt.astype(np.float64), b.astype(np.float64)
 
 
