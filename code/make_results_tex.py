@@ -363,6 +363,8 @@ EXPERIMENTS = {
         Macro("ScatterNHeldout", key("n_heldout"), integer),
         Macro("ScatterSeconds", key("seconds"), seconds),
         Macro("ScatterGroundTruthSeconds", key("ground_truth_seconds"), seconds),
+        Macro("ScatterGTCachedWord", _choose("ground_truth_cached", key("ground_truth_cached"),
+                                             "loaded them from the on-disk cache", "trained them itself"), word),
         Macro("ScatterModels", key("config", "n_models"), integer),
         Macro("ScatterBatch", key("config", "batch_size"), integer),
         Macro("ScatterGTSteps", key("config", "gt_steps"), integer),
