@@ -39,13 +39,12 @@ from common import (
     step_rng,
 )
 from neural_network import flatten_params, init_mlp, num_params
-from optimizers import adam_init
+from optimizers import adam_init, adam_inplace
 from per_weight_decay import (
     Alg3Settings,
     Budget,
     BudgetedRun,
     HyperProblem,
-    adam_inplace,
     alg3_step,
     current_weights,
     decay_objective,

@@ -68,6 +68,30 @@ def _adam_into(x, g, m, v, t, step_size, b1, b2, eps, x_out, m_out, v_out):
         np.subtract(x[block], xb, out=xb)
 
 
+def adam_inplace(x, g, state, step_size, scratch, b1=0.9, b2=0.999, eps=1e-8):
+    """Bias-corrected Adam step that overwrites x, state.m and state.v; scratch is a buffer with at least
+    x.size entries (avoids allocating large temporaries). Returns the new AdamState. The update of
+    adam_update up to rounding, rearranged as
+    x -= step_size * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t))."""
+    t = state.step + 1
+    m, v = state.m, state.v
+    tmp = scratch[:x.size].reshape(x.shape)
+    m *= b1
+    np.multiply(g, 1 - b1, out=tmp)
+    m += tmp
+    v *= b2
+    np.multiply(g, g, out=tmp)
+    tmp *= 1 - b2
+    v += tmp
+    correction = np.sqrt(1 - b2 ** t)
+    np.sqrt(v, out=tmp)
+    tmp += eps * correction
+    np.divide(m, tmp, out=tmp)
+    tmp *= step_size * correction / (1 - b1 ** t)
+    x -= tmp
+    return AdamState(m, v, t)
+
+
 def _is_flat_float(*arrays):
     return all(isinstance(a, np.ndarray) and a.dtype == np.float64 and a.ndim == 1 for a in arrays)
 

@@ -42,7 +42,7 @@ from neural_network import (
     per_weight_l2,
     unflatten_batch,
 )
-from optimizers import AdamState, adam_init
+from optimizers import AdamState, adam_init, adam_inplace
 
 N_TRAIN, N_VALID, N_TEST = 10000, 10000, 10000  # SPEC section 7 (paper macros)
 
@@ -142,30 +142,6 @@ def init_alg3(problem, settings, seed, w0=None):
     lam = np.full(problem.n_hypers, float(settings.init_lambda))
     phi_adam = [(adam_init(W), adam_init(b)) for W, b in phi]
     return Alg3State(phi, lam, phi_adam, adam_init(lam), 0)
-
-
-def adam_inplace(x, g, state, step_size, scratch, b1=0.9, b2=0.999, eps=1e-8):
-    """Bias-corrected Adam step that overwrites x, state.m and state.v; scratch is a buffer with at least
-    x.size entries (avoids allocating large temporaries). Returns the new AdamState. Same update as
-    optimizers.adam_update, rearranged as
-    x -= step_size * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t))."""
-    t = state.step + 1
-    m, v = state.m, state.v
-    tmp = scratch[:x.size].reshape(x.shape)
-    m *= b1
-    np.multiply(g, 1 - b1, out=tmp)
-    m += tmp
-    v *= b2
-    np.multiply(g, g, out=tmp)
-    tmp *= 1 - b2
-    v += tmp
-    correction = np.sqrt(1 - b2 ** t)
-    np.sqrt(v, out=tmp)
-    tmp += eps * correction
-    np.divide(m, tmp, out=tmp)
-    tmp *= step_size * correction / (1 - b1 ** t)
-    x -= tmp
-    return AdamState(m, v, t)
 
 
 def _adam_tree(params, grads, states, step_size):

@@ -12,7 +12,7 @@ import hypernets_local_large as large
 import per_weight_decay as pwd
 from data_loader import synthetic_mnist
 from neural_network import hypernet_weights, identity, num_params
-from optimizers import adam_init, adam_update
+from optimizers import adam_init, adam_inplace, adam_update
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_inplace_adam_matches_textbook_adam():
     for _ in range(25):
         g = rs.randn(40)
         x_ref, s_ref = adam_update(x_ref, g, s_ref, 0.01)
-        s = pwd.adam_inplace(x, g, s, 0.01, np.empty(50))
+        s = adam_inplace(x, g, s, 0.01, np.empty(50))
     assert s.step == 25 and np.allclose(x, x_ref, rtol=1e-12, atol=1e-14)
 
 
