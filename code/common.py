@@ -102,6 +102,16 @@ def load_results(out_dir, name):
     return summary, arrays
 
 
+def load_results_as(out_dir, name, build):
+    """build(summary, arrays) on results saved by save_results; missing keys -> one-line ExperimentError."""
+    summary, arrays = load_results(out_dir, name)
+    try:
+        return build(summary, arrays)
+    except (KeyError, TypeError) as err:
+        raise ExperimentError(f"saved results in {Path(out_dir) / 'results'} are incomplete or from another "
+                              f"version ({err}); run without --replot") from None
+
+
 # ------------------------------------------------------------------------------------ CLI helpers
 
 def positive_int(text):

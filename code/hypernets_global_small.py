@@ -19,10 +19,9 @@ from threadpoolctl import threadpool_limits
 
 import small_experiments as se
 from common import (
-    ExperimentError,
     check_finite,
     experiment_parser,
-    load_results,
+    load_results_as,
     positive_float,
     run_main,
     save_results,
@@ -186,12 +185,7 @@ def save(results, out_dir):
 
 def load(out_dir):
     """Results saved by save(); no training, no data."""
-    summary, arrays = load_results(out_dir, NAME)
-    try:
-        return _results_from(summary, arrays)
-    except (KeyError, TypeError) as err:
-        raise ExperimentError(f"saved results in {out_dir}/results are incomplete or from another version ({err});"
-                              " run without --replot") from None
+    return load_results_as(out_dir, NAME, _results_from)
 
 
 def _results_from(summary, arrays):
