@@ -3,8 +3,9 @@ import os
 import stat
 
 import matplotlib.pyplot as plt
+import pytest
 
-from common import atomic_write_bytes
+from common import ExperimentError, atomic_write_bytes, load_results_as, save_results
 from plotting import save_figure
 
 
@@ -26,10 +27,6 @@ def test_atomic_files_are_group_and_world_readable(tmp_path):
 
 
 def test_load_results_as_reports_incomplete_results_in_one_line(tmp_path):
-    import pytest
-
-    from common import ExperimentError, load_results_as, save_results
-
     save_results(tmp_path, "exp", {"a": 1}, {"x": [1.0, 2.0]})
     assert load_results_as(tmp_path, "exp", lambda s, a: (s["a"], a["x"].sum())) == (1, 3.0)
     with pytest.raises(ExperimentError, match="incomplete or from another version.*run without --replot"):
