@@ -147,16 +147,31 @@ def positive_float(text):
     return value
 
 
+QUICK_OUT_DIR = Path(__file__).resolve().parent.parent / "build" / "quick"  # `make quick` writes here too
+
+
+class ExperimentParser(argparse.ArgumentParser):
+    """ArgumentParser whose --quick runs default to build/quick/, so a smoke test never overwrites paper/."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "quick", False) and getattr(parsed, "out_dir", "") is None:
+            parsed.out_dir = str(QUICK_OUT_DIR)
+        return parsed
+
+
 def experiment_parser(description, default_iters=None):
     """argparse parser with the flags every experiment script shares."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke test (well under a minute)")
+    parser = ExperimentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings for a smoke test (well under a minute); output defaults to build/quick/")
     if default_iters is not None:
         parser.add_argument("--iters", type=positive_int, default=None,
                             help=f"training steps (default {default_iters})")
     parser.add_argument("--seed", type=nonnegative_int, default=7, help="random seed (default 7)")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $MNIST_DIR or code/data)")
-    parser.add_argument("--out-dir", default=None, help="figure folder (default: the repository's paper/)")
+    parser.add_argument("--out-dir", default=None,
+                        help="figure folder (default: the repository's paper/, or build/quick/ with --quick)")
     parser.add_argument("--replot", action="store_true", help="redraw figures from saved results, no training")
     parser.add_argument("--log-every", type=positive_int, default=None, help="steps between progress lines")
     parser.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tests: synthetic data

@@ -31,3 +31,13 @@ def test_load_results_as_reports_incomplete_results_in_one_line(tmp_path):
     assert load_results_as(tmp_path, "exp", lambda s, a: (s["a"], a["x"].sum())) == (1, 3.0)
     with pytest.raises(ExperimentError, match="incomplete or from another version.*run without --replot"):
         load_results_as(tmp_path, "exp", lambda s, a: s["missing"])
+
+
+def test_quick_runs_default_to_build_quick_not_paper():
+    from common import QUICK_OUT_DIR, experiment_parser
+
+    parser = experiment_parser("x")
+    assert parser.parse_args([]).out_dir is None                      # default: paper/ (resolved by plotting)
+    assert parser.parse_args(["--quick"]).out_dir == str(QUICK_OUT_DIR)
+    assert parser.parse_args(["--quick", "--out-dir", "/tmp/o"]).out_dir == "/tmp/o"
+    assert QUICK_OUT_DIR.parts[-2:] == ("build", "quick")
