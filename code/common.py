@@ -112,6 +112,19 @@ def load_results_as(out_dir, name, build):
                               f"version ({err}); run without --replot") from None
 
 
+def replot_or_run(out_dir, name, replot, compute, plot):
+    """The experiment scripts' driver: (summary, arrays) loaded when replotting, else compute() and saved;
+    then plot(summary, arrays, out_dir) and one 'wrote' line per file. Returns (summary, arrays)."""
+    if replot:
+        summary, arrays = load_results(out_dir, name)
+    else:
+        summary, arrays = compute()
+        save_results(out_dir, name, summary, arrays)
+    for path in plot(summary, arrays, out_dir):
+        print(f"wrote {path}")
+    return summary, arrays
+
+
 # ------------------------------------------------------------------------------------ CLI helpers
 
 def positive_int(text):

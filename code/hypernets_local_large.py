@@ -30,12 +30,11 @@ from common import (
     ExperimentError,
     check_finite,
     experiment_parser,
-    load_results,
     nonnegative_int,
     positive_float,
     positive_int,
+    replot_or_run,
     run_main,
-    save_results,
     step_rng,
 )
 from neural_network import flatten_params, init_mlp, num_params
@@ -387,21 +386,17 @@ def main(argv=None):
 
     args = parse_args(argv)
     out_dir = resolve_out_dir(args.out_dir)
-    if args.replot:
-        summary, arrays = load_results(out_dir, NAME)
-        for path in plot(summary, arrays, out_dir):
-            print(f"wrote {path}")
-        return 0
-    config = build_config(args)
-    splits = load_splits(config, args.data_dir)
-    # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two threads
-    # on a busy 2-core machine made a development run almost stall.
-    with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
-        summary, arrays = run(config, splits)
-    save_results(out_dir, NAME, summary, arrays)
+
+    def compute():
+        config = build_config(args)
+        splits = load_splits(config, args.data_dir)
+        # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two
+        # threads on a busy 2-core machine made a development run almost stall.
+        with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
+            return run(config, splits)
+
+    summary, _ = replot_or_run(out_dir, NAME, args.replot, compute, plot)
     report(summary)
-    for path in plot(summary, arrays, out_dir):
-        print(f"wrote {path}")
     print(f"{summary['total_seconds']:.0f} s in total")
     return 0
 

@@ -39,11 +39,10 @@ import neural_network as nn
 from common import (
     check_finite,
     experiment_parser,
-    load_results,
     positive_float,
     positive_int,
+    replot_or_run,
     run_main,
-    save_results,
     step_rng,
 )
 from data_loader import load_mnist, scatter_splits, synthetic_mnist
@@ -432,14 +431,12 @@ def main(argv=None):
                         help=f"BO suggestions per GP fit, 1 = sequential (default {Config.bo_batch})")
     args = parser.parse_args(argv)
     out_dir = resolve_out_dir(args.out_dir)
-    if args.replot:
-        summary, arrays = load_results(out_dir, NAME)
-    else:
+
+    def compute():
         config = build_config(args)
-        summary, arrays = run(config, load_splits(args, config))
-        save_results(out_dir, NAME, summary, arrays)
-    for path in plot(summary, arrays, out_dir):
-        print(f"wrote {path}")
+        return run(config, load_splits(args, config))
+
+    summary, _ = replot_or_run(out_dir, NAME, args.replot, compute, plot)
     for method in METHODS:
         m = summary["methods"][method]
         print(f"{method:>10s}: best valid {m['best_valid']:.4f}, test at best {m['test_at_best']:.4f}"

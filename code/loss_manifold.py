@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import experiment_parser, load_results, run_main, save_results
+from common import experiment_parser, replot_or_run, run_main
 
 NAME = "loss_manifold"
 
@@ -200,14 +200,8 @@ def main(argv=None):
     parser = experiment_parser("Training / validation loss manifolds of the toy problem (no data, no training).")
     args = parser.parse_args(argv)  # --quick, --seed and --data-dir are accepted but change nothing here
     out_dir = resolve_out_dir(args.out_dir)
-    if args.replot:
-        summary, arrays = load_results(out_dir, NAME)
-    else:
-        summary, arrays = run(Config())
-        save_results(out_dir, NAME, summary, arrays)
-        print(f"lambda* = {summary['lambda_star']:.6f}, lambda_phi* = {summary['lambda_phi_star']:.6f}")
-    for path in plot(summary, arrays, out_dir):
-        print(f"wrote {path}")
+    summary, _ = replot_or_run(out_dir, NAME, args.replot, lambda: run(Config()), plot)
+    print(f"lambda* = {summary['lambda_star']:.6f}, lambda_phi* = {summary['lambda_phi_star']:.6f}")
     return 0
 
 
