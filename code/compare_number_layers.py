@@ -19,14 +19,12 @@ from dataclasses import dataclass
 import autograd.numpy as anp
 import numpy as np
 from autograd import grad
-from threadpoolctl import threadpool_limits
 
 from common import (
     check_finite,
     experiment_parser,
     positive_float,
     positive_int,
-    replot_or_run,
     run_main,
     step_rng,
 )
@@ -46,6 +44,7 @@ from per_weight_decay import (
     minibatch,
     mse_loss,
     run_budgeted,
+    script_main,
 )
 
 NAME = "compare_number_layers"
@@ -314,23 +313,7 @@ def report(summary, log=print):
 
 
 def main(argv=None):
-    from plotting import resolve_out_dir
-
-    args = parse_args(argv)
-    out_dir = resolve_out_dir(args.out_dir)
-
-    def compute():
-        config = build_config(args)
-        splits = load_splits(config, args.data_dir)
-        # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two
-        # threads on a busy 2-core machine made a development run almost stall.
-        with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
-            return run(config, splits)
-
-    summary, _ = replot_or_run(out_dir, NAME, args.replot, compute, plot)
-    report(summary)
-    print(f"{summary['total_seconds']:.0f} s in total")
-    return 0
+    return script_main(argv, NAME, parse_args, build_config, load_splits, run, report, plot)
 
 
 if __name__ == "__main__":
