@@ -40,7 +40,6 @@ from per_weight_decay import (
     fan_in_init,
     hypernet_size,
     init_alg3,
-    large_splits,
     minibatch,
     mse_loss,
     run_budgeted,
@@ -254,13 +253,6 @@ def plot(summary, arrays, out_dir):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def load_splits(config, data_dir):
-    from data_loader import load_mnist, synthetic_mnist
-
-    data = synthetic_mnist() if config.synthetic else load_mnist(data_dir)
-    return large_splits(data, config.n_train, config.n_valid, config.n_test)
-
-
 def parse_args(argv):
     parser = experiment_parser("Per-weight decay hyper-training for 784-10, 784-100-10 and 784-100-100-10 "
                                "models (paper Figure 5 bottom).", default_iters="none: the --seconds budgets")
@@ -313,7 +305,7 @@ def report(summary, log=print):
 
 
 def main(argv=None):
-    return script_main(argv, NAME, parse_args, build_config, load_splits, run, report, plot)
+    return script_main(argv, NAME, parse_args, build_config, run, report, plot)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,6 @@ from per_weight_decay import (
     decay_objective,
     hypernet_size,
     init_alg3,
-    large_splits,
     mse_loss,
     run_interleaved,
     script_main,
@@ -317,13 +316,6 @@ def plot(summary, arrays, out_dir):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def load_splits(config, data_dir):
-    from data_loader import load_mnist, synthetic_mnist
-
-    data = synthetic_mnist() if config.synthetic else load_mnist(data_dir)
-    return large_splits(data, config.n_train, config.n_valid, config.n_test)
-
-
 def parse_args(argv):
     parser = experiment_parser("7,850 per-weight decays: hyper-training versus unrolled differentiation "
                                "(paper Figure 5 top).", default_iters="none: the --seconds budget")
@@ -381,7 +373,7 @@ def report(summary, log=print):
 
 
 def main(argv=None):
-    return script_main(argv, NAME, parse_args, build_config, load_splits, run, report, plot)
+    return script_main(argv, NAME, parse_args, build_config, run, report, plot)
 
 
 if __name__ == "__main__":

@@ -362,7 +362,15 @@ def time_to_reach(curve, level):
     return float(curve.seconds[hits[0]]) if len(hits) else None
 
 
-def script_main(argv, name, parse_args, build_config, load_splits, run, report, plot):
+def load_splits(config, data_dir):
+    """large_splits of MNIST (or of the synthetic stand-in when config.synthetic) at config's sizes."""
+    from data_loader import load_mnist, synthetic_mnist
+
+    data = synthetic_mnist() if config.synthetic else load_mnist(data_dir)
+    return large_splits(data, config.n_train, config.n_valid, config.n_test)
+
+
+def script_main(argv, name, parse_args, build_config, run, report, plot):
     """main() of the scripts built on this module: parse, replot or run (one BLAS thread), report; returns 0."""
     from common import replot_or_run
     from plotting import resolve_out_dir
