@@ -3,13 +3,13 @@ import argparse
 import dataclasses
 import io
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from atomic_io import atomic_write_bytes, replace_readable  # noqa: F401  (re-exported)
 
 
 class ExperimentError(Exception):
@@ -33,33 +33,6 @@ def check_finite(value, step, what="objective"):
 
 
 # -------------------------------------------------------------------------------------- atomic I/O
-
-def _default_mode():
-    """Permission bits a plain open() would give a new file (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def replace_readable(tmp, path):
-    """Rename a finished temporary file over path with normal permissions (mkstemp makes them 0600)."""
-    os.chmod(tmp, _default_mode())
-    os.replace(tmp, path)
-
-
-def atomic_write_bytes(path, data):
-    """Write bytes to path through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".part-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        replace_readable(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def _to_jsonable(obj):
     if dataclasses.is_dataclass(obj):

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from common import replace_readable
+from atomic_io import replace_readable
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",

@@ -2,7 +2,6 @@
 synthetic data: gradients, Algorithm 3/4, the budgeted loop, quick runs end to end, errors, replot."""
 import json
 
-import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad
@@ -11,8 +10,7 @@ import compare_number_layers as layers
 import hypernets_local_large as large
 import per_weight_decay as pwd
 from data_loader import synthetic_mnist
-from neural_network import hypernet_weights, identity, num_params
-from optimizers import adam_init, adam_inplace, adam_update
+from neural_network import num_params
 
 
 @pytest.fixture(scope="module")
@@ -24,118 +22,6 @@ def small_problem(splits, sizes=(784, 10)):
     P = num_params(sizes)
     return pwd.HyperProblem(pwd.decay_objective(sizes), pwd.mse_loss(sizes), splits.train_x, splits.train_y,
                             splits.valid_x, splits.valid_y, P, P)
-
-
-# ------------------------------------------------------------------------------- shared module
-
-def test_large_splits_are_the_documented_indices():
-    data = synthetic_mnist(n_train=50, n_test=20)
-    s = pwd.large_splits(data, 20, 30, 10)
-    assert np.array_equal(s.train_x, data.train_images[:20])
-    assert np.array_equal(s.valid_x, data.train_images[20:50])
-    assert np.array_equal(s.test_y, data.test_labels[:10])
-
-
-def test_decay_objective_is_mse_plus_per_weight_l2():
-    rs = np.random.RandomState(0)
-    sizes = (784, 3, 10)
-    P = num_params(sizes)
-    w, lam = 0.1 * rs.randn(2, P), rs.randn(2, P)
-    x, y = rs.rand(5, 784), rs.rand(5, 10)
-    value = pwd.decay_objective(sizes)(w, lam, x, y)
-    expected = pwd.mse_loss(sizes)(w, x, y) + np.sum(np.exp(lam) * w ** 2, axis=1)
-    assert np.allclose(value, expected)
-
-
-def test_inplace_adam_matches_textbook_adam():
-    rs = np.random.RandomState(1)
-    x = rs.randn(40)
-    x_ref, s_ref, s = x.copy(), adam_init(x), adam_init(x)
-    for _ in range(25):
-        g = rs.randn(40)
-        x_ref, s_ref = adam_update(x_ref, g, s_ref, 0.01)
-        s = adam_inplace(x, g, s, 0.01, np.empty(50))
-    assert s.step == 25 and np.allclose(x, x_ref, rtol=1e-12, atol=1e-14)
-
-
-def test_hand_written_hypernet_backprop_matches_autograd(splits):
-    problem = small_problem(splits)
-    settings = pwd.Alg3Settings(init_scale=1e-2)
-    state = pwd.init_alg3(problem, settings, 0)
-    rs = np.random.RandomState(2)
-    lambdas = -5 + rs.randn(2, problem.n_hypers)
-    x, y = splits.train_x[:50], splits.train_y[:50]
-    ours = pwd._hypernet_grad(problem, identity)(state.phi, lambdas, x, y)
-    reference = grad(lambda phi: anp.mean(problem.train_objective(hypernet_weights(phi, lambdas, identity),
-                                                                  lambdas, x, y)))(state.phi)
-    for (gW, gb), (rW, rb) in zip(ours, reference, strict=True):
-        assert np.allclose(gW, rW, rtol=1e-9, atol=1e-15) and np.allclose(gb, rb, rtol=1e-9, atol=1e-15)
-
-
-def test_factorised_hypernet_sizes():
-    assert pwd.hypernet_size("factorised", 7850, 7850, 10) == 164860
-    assert num_params((784, 100, 10)) == 79510 and num_params((784, 100, 100, 10)) == 89610
-
-
-@pytest.mark.parametrize("algorithm", ["joint", "simplified"])
-def test_alg3_reduces_validation_loss_and_is_reproducible(splits, algorithm):
-    problem = small_problem(splits)
-    settings = pwd.Alg3Settings(algorithm=algorithm, lambda_step=0.05)
-    loss = pwd.mse_loss((784, 10))
-
-    def go():
-        state = pwd.init_alg3(problem, settings, 3)
-        before = loss(pwd.current_weights(state, settings), splits.valid_x, splits.valid_y)[0]
-        lam0 = state.lam.copy()
-        for i in range(4):
-            state = pwd.alg3_step(state, i, problem, settings, 3)
-        return before, loss(pwd.current_weights(state, settings), splits.valid_x, splits.valid_y)[0], lam0, state
-
-    before, after, lam0, state = go()
-    assert after < 0.5 * before                 # the hypernetwork learns quickly
-    assert not np.allclose(state.lam, lam0)     # lambda_hat moved
-    assert state.step == 4
-    assert go()[3].lam.tolist() == state.lam.tolist()
-
-
-def test_joint_and_simplified_differ(splits):
-    problem = small_problem(splits)
-    lams = []
-    for algorithm in ("joint", "simplified"):
-        settings = pwd.Alg3Settings(algorithm=algorithm, sample_sd=0.1)
-        state = pwd.init_alg3(problem, settings, 0)
-        lams.append(pwd.alg3_step(state, 0, problem, settings, 0).phi[0][0].copy())
-    assert not np.allclose(*lams)
-
-
-def test_budgeted_loop_counts_steps_and_excludes_evaluation():
-    slow_eval = lambda s: (__import__("time").sleep(0.05), (1.0 / (s + 1), 2.0))[1]
-    state, curve = pwd.run_budgeted(0, lambda s, i: s + 1, slow_eval, pwd.Budget(iters=7, eval_every=3,
-                                                                                 log_every=100), log=None)
-    assert state == 7 and curve.step.tolist() == [0, 3, 6, 7]
-    assert curve.seconds[-1] < 0.05              # evaluations (0.05 s each) are off the clock
-    assert pwd.time_to_reach(curve, 0.2) == curve.seconds[2] and pwd.time_to_reach(curve, 0.01) is None
-    with pytest.raises(ValueError):
-        pwd.Budget()
-
-
-def test_interleaved_runs_alternate_by_method_time():
-    import time as _time
-
-    order = []
-
-    def stepper(tag):
-        def step(s, i):
-            order.append(tag)
-            _time.sleep(0.01)
-            return s + 1
-        return step
-    runs = [pwd.BudgetedRun(0, stepper(t), lambda s: (1.0, 1.0), pwd.Budget(seconds=0.1, eval_every=5,
-                                                                            log_every=100), t, None) for t in "ab"]
-    pwd.run_interleaved(runs, 0.03)
-    assert all(r.finished for r in runs)
-    first_b = order.index("b")
-    assert 0 < first_b < len(order) - 1 and "a" in order[first_b:]   # a ran again after b started
 
 
 # ----------------------------------------------------------------------- unrolled baseline
@@ -238,24 +124,3 @@ def test_replot_without_results_is_clean_error(tmp_path, capsys):
     assert out.returncode == 1 and out.stderr.startswith("error: no saved results")
 
 
-def test_layers_quick_end_to_end_and_reproducible(tmp_path, capsys):
-    results = []
-    for i in range(2):
-        d = tmp_path / str(i)
-        out = run_script(layers, "--quick", "--iters", "3", "--out-dir", str(d), capsys=capsys)
-        assert out.returncode == 0, out.stderr
-        results.append(json.loads((d / "results" / "compare_number_layers.json").read_text()))
-    models = results[0]["models"]
-    assert list(models) == ["784-10", "784-20-10", "784-20-20-10"]
-    for name, m in models.items():
-        assert m["steps"] == 3 and m["hand_tuned"]["best_lambda"] in m["hand_tuned"]["lambdas"]
-        assert m["hand_tuned"]["best_valid"] == min(m["hand_tuned"]["valid"])
-        for key in ("final_valid", "final_test", "best_valid"):
-            assert m[key] == results[1]["models"][name][key]
-    assert isinstance(results[0]["target"]["deeper_models_below_linear_valid"], bool)
-    assert (tmp_path / "0" / "compare_number_layers.pdf").exists()
-
-
-def test_layers_default_config_matches_paper_sizes():
-    assert [num_params(s) for s in layers.Config().models] == [7850, 79510, 89610]
-    assert large.Config().n_train == large.Config().n_valid == large.Config().n_test == 10000
