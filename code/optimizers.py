@@ -1,5 +1,7 @@
 """Adam and SGD over parameter pytrees, autograd-style: grad(params, i), callback(params, i, g).
 
+One fused in-place Adam step (adam_inplace, numpy ufuncs with out=) serves every numpy caller;
+adam_textbook is its plain reference and adam_step_differentiable the autograd-traceable form.
 Adam can be resumed from an explicit AdamState whose step counter keeps advancing across calls (the
 released code's counter did not, which froze bias correction at step 1; SPEC section 2). Training K
 independent models at once is one stacked problem: the gradient of the sum of their losses is each
@@ -37,59 +39,66 @@ def adam_init(flat_params):
     return AdamState(np.zeros_like(flat_params), np.zeros_like(flat_params), 0)
 
 
-ADAM_BLOCK = 1 << 14  # elements per block of _adam_into: a block's temporaries stay in the CPU cache
+ADAM_BLOCK = 1 << 15  # elements per block of adam_inplace: a block's working set stays in L2 / L3 cache
 
 
-def _adam_into(x, g, m, v, t, step_size, b1, b2, eps, x_out, m_out, v_out):
-    """Adam step t on 1-D float64 arrays, written into x_out, m_out, v_out block by block.
+def adam_inplace(x, g, state, step_size, scratch=None, b1=0.9, b2=0.999, eps=1e-8):
+    """One bias-corrected Adam step that overwrites x, state.m and state.v (same shape as x); returns the new
+    AdamState. scratch: a float64 buffer of >= min(x.size, ADAM_BLOCK) entries (allocated when None).
 
-    The arithmetic is the textbook formula of adam_update, operation for operation, so the results are
-    bitwise equal to it; working in cache-sized blocks without temporaries of full size makes it several
-    times faster on millions of weights (it is memory-bound)."""
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    tmp = np.empty(min(ADAM_BLOCK, x.size))
-    for start in range(0, x.size, ADAM_BLOCK):
-        block = slice(start, start + ADAM_BLOCK)
-        mb, vb, xb, gb = m_out[block], v_out[block], x_out[block], g[block]
-        tb = tmp[:len(gb)]
-        np.multiply(gb, 1 - b1, out=mb)        # m = (1 - b1) g + b1 m
-        np.multiply(m[block], b1, out=tb)
-        mb += tb
-        np.square(gb, out=vb)                  # v = (1 - b2) g^2 + b2 v
-        vb *= 1 - b2
-        np.multiply(v[block], b2, out=tb)
-        vb += tb
-        np.divide(vb, c2, out=tb)              # sqrt(v_hat) + eps
-        np.sqrt(tb, out=tb)
-        tb += eps
-        np.divide(mb, c1, out=xb)              # x - step_size * m_hat / (sqrt(v_hat) + eps)
-        xb *= step_size
-        xb /= tb
-        np.subtract(x[block], xb, out=xb)
-
-
-def adam_inplace(x, g, state, step_size, scratch, b1=0.9, b2=0.999, eps=1e-8):
-    """Bias-corrected Adam step that overwrites x, state.m and state.v; scratch is a buffer with at least
-    x.size entries (avoids allocating large temporaries). Returns the new AdamState. The update of
-    adam_update up to rounding, rearranged as
-    x -= step_size * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps * sqrt(1 - b2^t))."""
+    The fused form of the textbook step (Kingma & Ba, Algorithm 1), equal to it up to rounding:
+        m <- b1 m + (1 - b1) g                         computed as  m = b1 (m - g) + g
+        v <- b2 v + (1 - b2) g^2                       computed as  v = b2 (v - g^2) + g^2
+        x <- x - a (m / c1) / (sqrt(v / c2) + eps),    c1 = 1 - b1^t, c2 = 1 - b2^t,
+          =  x - [a sqrt(c2) / c1] m / (sqrt(v) + eps sqrt(c2))   (numerator and denominator times sqrt(c2)).
+    Twelve numpy passes with out=, block by block so each block's operands stay in cache; no temporaries
+    beyond `scratch` (it is memory-bound on large arrays: 7 float64 reads/writes per element)."""
+    if not all(a.flags.c_contiguous for a in (x, state.m, state.v)):
+        raise ValueError("adam_inplace needs C-contiguous x, m and v (it writes through flat views)")
     t = state.step + 1
-    m, v = state.m, state.v
-    tmp = scratch[:x.size].reshape(x.shape)
-    m *= b1
-    np.multiply(g, 1 - b1, out=tmp)
-    m += tmp
-    v *= b2
-    np.multiply(g, g, out=tmp)
-    tmp *= 1 - b2
-    v += tmp
-    correction = np.sqrt(1 - b2 ** t)
-    np.sqrt(v, out=tmp)
-    tmp += eps * correction
-    np.divide(m, tmp, out=tmp)
-    tmp *= step_size * correction / (1 - b1 ** t)
-    x -= tmp
-    return AdamState(m, v, t)
+    root_c2 = np.sqrt(1.0 - b2 ** t)
+    alpha, eps_t = step_size * root_c2 / (1.0 - b1 ** t), eps * root_c2
+    xf, gf, mf, vf = (np.reshape(a, -1) for a in (x, g, state.m, state.v))  # views (x, m, v are contiguous)
+    n = xf.size
+    if scratch is None or scratch.size < min(n, ADAM_BLOCK):
+        scratch = np.empty(min(n, ADAM_BLOCK))
+    for start in range(0, n, ADAM_BLOCK):
+        block = slice(start, start + ADAM_BLOCK)
+        xb, gb, mb, vb = xf[block], gf[block], mf[block], vf[block]
+        tb = scratch[:len(xb)]
+        mb -= gb                      # m = b1 (m - g) + g
+        mb *= b1
+        mb += gb
+        np.multiply(gb, gb, out=tb)   # v = b2 (v - g^2) + g^2
+        vb -= tb
+        vb *= b2
+        vb += tb
+        np.sqrt(vb, out=tb)           # x -= alpha m / (sqrt(v) + eps_t)
+        tb += eps_t
+        np.divide(mb, tb, out=tb)
+        tb *= alpha
+        xb -= tb
+    return AdamState(state.m, state.v, t)
+
+
+def adam_textbook(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
+    """The textbook bias-corrected Adam step with fresh arrays (the reference of adam_inplace); returns
+    (new x, new state), inputs unmodified."""
+    t = state.step + 1
+    m = (1 - b1) * g + b1 * state.m
+    v = (1 - b2) * g ** 2 + b2 * state.v
+    m_hat = m / (1 - b1 ** t)
+    v_hat = v / (1 - b2 ** t)
+    return x - step_size * m_hat / (np.sqrt(v_hat) + eps), AdamState(m, v, t)
+
+
+def adam_step_differentiable(x, g, m, v, t, step_size, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam step t (1-based) written with autograd.numpy so autograd can trace it (unrolled differentiation):
+    returns (x, m, v) after the textbook bias-corrected update; any array shapes."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g ** 2
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return x - step_size * m_hat / (anp.sqrt(v_hat) + eps), m, v
 
 
 def _is_flat_float(*arrays):
@@ -97,17 +106,14 @@ def _is_flat_float(*arrays):
 
 
 def adam_update(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
-    """One bias-corrected Adam step on flat arrays: returns (new x, new state); the inputs are not modified."""
-    t = state.step + 1
-    if _is_flat_float(x, g, state.m, state.v) and x.shape == g.shape == state.m.shape == state.v.shape:
-        x_new, m, v = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-        _adam_into(x, g, state.m, state.v, t, step_size, b1, b2, eps, x_new, m, v)
-        return x_new, AdamState(m, v, t)
-    m = (1 - b1) * g + b1 * state.m
-    v = (1 - b2) * g ** 2 + b2 * state.v
-    m_hat = m / (1 - b1 ** t)
-    v_hat = v / (1 - b2 ** t)
-    return x - step_size * m_hat / (np.sqrt(v_hat) + eps), AdamState(m, v, t)
+    """One bias-corrected Adam step: returns (new x, new state); the inputs are not modified.
+    float64 arrays take adam_inplace on copies; anything else the textbook formula."""
+    arrays = (x, g, state.m, state.v)
+    if all(isinstance(a, np.ndarray) and a.dtype == np.float64 for a in arrays) and \
+            x.shape == g.shape == state.m.shape == state.v.shape:
+        x_new, m, v = np.array(x), np.array(state.m), np.array(state.v)
+        return x_new, adam_inplace(x_new, g, AdamState(m, v, state.step), step_size, None, b1, b2, eps)
+    return adam_textbook(x, g, state, step_size, b1, b2, eps)
 
 
 def _leaves(tree):
@@ -174,15 +180,14 @@ def _adam_tree_update(flat_x, g_tree, state, step_size, b1, b2, eps):
     if (leaves is None or not _is_flat_float(flat_x, state.m, state.v)
             or any(leaf.dtype != np.float64 for leaf in leaves) or sum(leaf.size for leaf in leaves) != flat_x.size):
         return adam_update(flat_x, flatten(g_tree)[0], state, step_size, b1, b2, eps)
-    t = state.step + 1
-    x_new, m, v = np.empty_like(flat_x), np.empty_like(flat_x), np.empty_like(flat_x)
-    start = 0
+    x_new, m, v = flat_x.copy(), state.m.copy(), state.v.copy()
+    scratch, start = np.empty(min(flat_x.size, ADAM_BLOCK)), 0
     for leaf in leaves:
         part = slice(start, start + leaf.size)
-        _adam_into(flat_x[part], np.ravel(leaf), state.m[part], state.v[part], t, step_size, b1, b2, eps,
-                   x_new[part], m[part], v[part])
+        adam_inplace(x_new[part], np.ravel(leaf), AdamState(m[part], v[part], state.step), step_size, scratch,
+                     b1, b2, eps)
         start += leaf.size
-    return x_new, AdamState(m, v, t)
+    return x_new, AdamState(m, v, state.step + 1)
 
 
 def adam_with_state(grad, x0, callback=None, num_iters=100, step_size=1e-4, b1=0.9, b2=0.999, eps=1e-8,

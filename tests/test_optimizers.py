@@ -6,7 +6,19 @@ from autograd import grad
 
 import neural_network as nn
 from common import step_rng
-from optimizers import AdamConfig, AdamState, adam, adam_init, adam_update, adam_with_state, sgd, train_stacked
+from optimizers import (
+    AdamConfig,
+    AdamState,
+    adam,
+    adam_init,
+    adam_inplace,
+    adam_step_differentiable,
+    adam_textbook,
+    adam_update,
+    adam_with_state,
+    sgd,
+    train_stacked,
+)
 
 # Quadratic f(x) = 1/2 sum a (x - c)^2, gradient a (x - c).
 A = np.array([2.0, 0.5])
@@ -150,32 +162,107 @@ def test_train_stacked_equals_separate_adam_runs(layers):
     assert min(moved) > 1e-3
 
 
-def textbook_adam(x, g, state, step_size, b1=0.9, b2=0.999, eps=1e-8):
-    t = state.step + 1
-    m = (1 - b1) * g + b1 * state.m
-    v = (1 - b2) * g ** 2 + b2 * state.v
-    return x - step_size * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps), m, v
+def hand_worked_adam(x, gs, step_size, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam written out from Kingma & Ba's Algorithm 1, one scalar at a time in Python floats: x (n,),
+    gs = gradients of successive steps -> (x, m, v) after len(gs) steps."""
+    x, m, v = [float(a) for a in x], [0.0] * len(x), [0.0] * len(x)
+    for t, g in enumerate(gs, start=1):
+        for j, gj in enumerate(g):
+            m[j] = b1 * m[j] + (1 - b1) * gj
+            v[j] = b2 * v[j] + (1 - b2) * gj * gj
+            x[j] -= step_size * (m[j] / (1 - b1 ** t)) / ((v[j] / (1 - b2 ** t)) ** 0.5 + eps)
+    return np.array(x), np.array(m), np.array(v)
 
 
-def test_blocked_adam_update_is_bitwise_the_textbook_formula():
+def check_against_hand_worked(adam_step, n=7, steps=6, step_size=1e-2, rtol=1e-12):
+    """adam_step(x, g, state, step_size, scratch) -> AdamState, updating x in place, must match
+    hand_worked_adam after each of `steps` steps (ragged gradients of mixed signs and scales)."""
+    rs = np.random.RandomState(11)
+    x0 = rs.randn(n)
+    x, state, gs = x0.copy(), adam_init(x0), []
+    for _ in range(steps):
+        gs.append(rs.randn(n) * np.logspace(-3, 2, n))
+        state = adam_step(x, gs[-1], state, step_size, np.empty(3))
+        ex, em, ev = hand_worked_adam(x0, gs, step_size)
+        np.testing.assert_allclose(x, ex, rtol=rtol, atol=0)
+        np.testing.assert_allclose(state.m, em, rtol=rtol, atol=0)
+        np.testing.assert_allclose(state.v, ev, rtol=rtol, atol=0)
+    assert state.step == steps
+
+
+def test_fused_inplace_adam_equals_hand_worked_steps():
+    check_against_hand_worked(adam_inplace)
+
+
+def test_fused_adam_blocks_and_shapes(monkeypatch):
+    import optimizers
+    monkeypatch.setattr(optimizers, "ADAM_BLOCK", 5)        # several blocks and a ragged end
+    check_against_hand_worked(adam_inplace, n=23)
+    W, g = np.arange(6.0).reshape(2, 3), np.ones((2, 3))     # 2-D arrays are updated through flat views
+    state = adam_inplace(W, g, adam_init(W), 0.1)
+    np.testing.assert_allclose(W, np.arange(6.0).reshape(2, 3) - 0.1 / (1 + 1e-8), rtol=1e-12)
+    assert state.m.shape == (2, 3) and state.step == 1
+    with pytest.raises(ValueError, match="contiguous"):
+        big = np.zeros((3, 4))
+        adam_inplace(big[:, :2], np.ones((3, 2)), adam_init(np.zeros((3, 2))), 0.1)
+
+
+def _mutant(kind):
+    """adam_inplace with one deliberate error, to show the hand-worked test catches it."""
+    def step(x, g, state, step_size, scratch):
+        t = state.step + 1
+        m = 0.9 * state.m + 0.1 * g
+        v = 0.999 * state.v + 0.001 * g ** 2
+        if kind == "no bias correction":
+            x -= step_size * m / (np.sqrt(v) + 1e-8)
+        elif kind == "wrong sign":
+            x += step_size * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
+        elif kind == "frozen counter":
+            x -= step_size * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8)
+        state.m[:], state.v[:] = m, v
+        return AdamState(state.m, state.v, t)
+    return step
+
+
+@pytest.mark.parametrize("kind", ["no bias correction", "wrong sign", "frozen counter"])
+def test_hand_worked_check_catches_mutations(kind):
+    with pytest.raises(AssertionError):
+        check_against_hand_worked(_mutant(kind))
+
+
+def test_pure_adam_update_and_textbook_reference():
     rs = np.random.RandomState(2)
-    n = 3 * 2 ** 14 + 17  # several blocks and a ragged end
+    n = 3 * 2 ** 15 + 17  # several blocks and a ragged end
     x, g, m, v = rs.randn(n), rs.randn(n), rs.randn(n) * 0.1, rs.rand(n) * 0.01
     copies = [a.copy() for a in (x, g, m, v)]
     state = AdamState(m, v, 4)
     new_x, new_state = adam_update(x, g, state, 1e-3)
-    ex, em, ev = textbook_adam(x, g, state, 1e-3)
-    np.testing.assert_array_equal(new_x, ex)
-    np.testing.assert_array_equal(new_state.m, em)
-    np.testing.assert_array_equal(new_state.v, ev)
-    assert new_state.step == 5
+    ex, es = adam_textbook(x, g, state, 1e-3)
+    np.testing.assert_allclose(new_x, ex, rtol=1e-12)
+    np.testing.assert_allclose(new_state.m, es.m, rtol=1e-12, atol=1e-14)  # cancellation: error ~ eps |g|
+    np.testing.assert_allclose(new_state.v, es.v, rtol=1e-12)
+    assert new_state.step == 5 == es.step
     for a, copy in zip((x, g, m, v), copies, strict=True):
         np.testing.assert_array_equal(a, copy)  # pure: inputs untouched
-    # other shapes and dtypes take the plain formula
+    # other dtypes take the textbook formula
     x32 = np.ones((2, 3), np.float32)
     out, st = adam_update(x32, x32, AdamState(np.zeros((2, 3)), np.zeros((2, 3)), 0), 0.1)
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out, 0.9, rtol=1e-6)
+
+
+def test_differentiable_adam_step_is_textbook_and_traceable():
+    rs = np.random.RandomState(4)
+    x, g, m, v = rs.randn(5), rs.randn(5), rs.randn(5) * 0.1, rs.rand(5)
+    x1, m1, v1 = adam_step_differentiable(x, g, m, v, 3, 1e-2)
+    ex, es = adam_textbook(x, g, AdamState(m, v, 2), 1e-2)
+    np.testing.assert_array_equal(x1, ex)
+    np.testing.assert_array_equal(m1, es.m)
+    # d x1 / d g through autograd against central differences
+    f = lambda g_: anp.sum(np.arange(5) * adam_step_differentiable(x, g_, m, v, 3, 1e-2)[0])
+    h, e = 1e-6, np.eye(5)
+    fd = np.array([(f(g + h * e[j]) - f(g - h * e[j])) / (2 * h) for j in range(5)])
+    np.testing.assert_allclose(grad(f)(g), fd, rtol=1e-6, atol=1e-10)
 
 
 def test_adam_on_a_tree_is_bitwise_flat_adam():
