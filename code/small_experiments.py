@@ -5,16 +5,29 @@ flat weights (K, 7850) pair with K scalar hyperparameters lambdas (K,). Objectiv
     gaussian_nll(predictions, targets) + exp(lambda) * ||w||_2    (training; SPEC section 2)
     gaussian_nll(predictions, targets)                             (validation / test)
 Cross-validation trains K fresh elementary models at K lambdas as ONE stacked Adam problem.
+
+Hot loops (issue 13; benchmark.py times them): global_step / global_step_reference (GlobalProblem) and
+local_step / local_step_reference (LocalProblem): hand-written gradients with preallocated buffers, and the
+autograd versions they equal to 1e-9. Each takes (problem, flat params, ...) and overwrites the parameters.
 """
 from typing import NamedTuple
 
 import autograd.numpy as anp
 import numpy as np
+from autograd import value_and_grad
 
 from common import check_finite
 from data_loader import Splits, load_mnist, small_splits, synthetic_mnist
-from neural_network import flatten_params, gaussian_nll, init_mlp, norm_regulariser
-from optimizers import adam, stacked_grad
+from neural_network import (
+    LOG_SIGMA_CONST,
+    flatten_params,
+    gaussian_nll,
+    init_mlp,
+    mlp_predict,
+    norm_regulariser,
+    relu,
+)
+from optimizers import adam, adam_inplace, adam_update, stacked_grad
 
 LAYER_SIZES = (784, 10)     # the elementary linear model
 N_WEIGHTS = 784 * 10 + 10   # flattened: W row-major, then b
@@ -145,3 +158,255 @@ def grid(lo, hi, count):
 def mean_objective(flat_weights, lambdas, inputs, targets):
     """Mean training objective over K rows: a scalar (the hypernetwork's objective)."""
     return anp.mean(training_objective(flat_weights, lambdas, inputs, targets))
+
+
+# ------------------------------------------------------------------- hot loops (SPEC sections 3, 4)
+#
+# Both small experiments spend their time in one step each; each step below has a hand-written, buffer-reusing
+# version and the autograd version it must match (tests: to 1e-9 in float64 over several steps; benchmark.py
+# times both). Notation for one batch of K lambdas:
+#   X (N, 785) augmented training images, T (N, 10) one-hot targets, C = 10 outputs;
+#   w_k (7850,) = the elementary weights at lambda_k, read as the (785, 10) matrix M_k (flat row = W then b);
+#   R_k = X M_k - T (N, 10) the residuals;  J = (1/K) sum_k [50 mean(R_k^2) + const + exp(lambda_k) ||w_k||_2].
+# Gradient of J with respect to w_k (the common start of both backward passes):
+#   dJ/dM_k = (1/K) (100 / (N C)) X' R_k          (d/dR of 50 sum R^2 / (N C) is 100 R / (N C); R = X M - T)
+#           + (1/K) exp(lambda_k) w_k / ||w_k||   (d||w|| / dw = w / ||w||)
+
+
+class _TrainingTerm:
+    """J of the comment above and its gradient in the K weight rows, with every buffer allocated once."""
+
+    def __init__(self, train_x, train_y, batch_size):
+        self.x, self.t = np.ascontiguousarray(train_x), np.ascontiguousarray(train_y)
+        n, c = self.t.shape
+        self.k = batch_size
+        self.loss_scale = 50.0 / (n * c)                    # 50 mean(R^2) = loss_scale * sum(R^2)
+        self.grad_scale = 100.0 / (n * c * batch_size)      # (1/K) (100 / (N C))
+        self.residual = np.empty((batch_size, n, c))        # R_k, k = 0..K-1
+        self.square = np.empty((batch_size, n, c))
+        self.norms = np.empty(batch_size)
+        self.coef = np.empty(batch_size)
+
+    def value_and_weight_grad(self, weights, lambdas, weight_grad):
+        """J (float) for weights (K, 7850) at lambdas (K,); writes dJ/dweights into weight_grad (K, 7850)."""
+        k, (n_in, n_out) = self.k, (LAYER_SIZES[0] + 1, LAYER_SIZES[1])
+        matrices = weights.reshape(k, n_in, n_out)
+        np.matmul(self.x, matrices, out=self.residual)      # X M_k
+        self.residual -= self.t                             # R_k = X M_k - T
+        np.square(self.residual, out=self.square)
+        nll = self.loss_scale * self.square.sum(axis=(1, 2)) + LOG_SIGMA_CONST   # (K,)
+        np.sqrt(np.einsum("ij,ij->i", weights, weights), out=self.norms)          # ||w_k||
+        exp_lambdas = np.exp(lambdas)
+        objective = float(np.mean(nll + exp_lambdas * self.norms))
+        # dJ/dM_k = grad_scale X' R_k + (exp(lambda_k) / (K ||w_k||)) w_k
+        grad_matrices = weight_grad.reshape(k, n_in, n_out)
+        np.matmul(self.x.T, self.residual, out=grad_matrices)
+        grad_matrices *= self.grad_scale
+        np.divide(exp_lambdas, self.k * self.norms, out=self.coef)
+        weight_grad += self.coef[:, None] * weights
+        return objective
+
+
+# ----------------------------------------------------------------- global step (Algorithm 2, SPEC 3)
+#
+# Hypernetwork [1, H, 7850], ReLU (flat parameters in autograd.misc.flatten order: W1 (1, H), b1 (H,),
+# W2 (H, 7850), b2 (7850,)). Forward for lambdas l (K,):
+#   Z = l W1 + b1 (K, H);   A = relu(Z);   w = A W2 + b2 (K, 7850)
+# Backward from G = dJ/dw (K, 7850) (see _TrainingTerm):
+#   dW2 = A' G;   db2 = sum_k G_k;   dA = G W2';   dZ = dA * [Z > 0];   dW1 = l' dZ;   db1 = sum_k dZ_k
+# then one Adam step on the flat parameters (optimizers.adam_inplace).
+
+def global_param_shapes(hidden_units):
+    """Shapes of the global hypernetwork's parameters, in flat order: [(1, H), (H,), (H, 7850), (7850,)]."""
+    return [(1, hidden_units), (hidden_units,), (hidden_units, N_WEIGHTS), (N_WEIGHTS,)]
+
+
+def _views(flat, shapes):
+    """Reshaped views of consecutive pieces of a flat vector."""
+    views, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        views.append(flat[start:start + size].reshape(shape))
+        start += size
+    return views
+
+
+class GlobalProblem:
+    """Data and preallocated buffers of the global step for one batch size: build once, step many times.
+
+    train_x: augmented (N, 785); train_y (N, 10); hidden_units H; batch_size K."""
+
+    def __init__(self, train_x, train_y, hidden_units, batch_size):
+        self.shapes = global_param_shapes(hidden_units)
+        self.size = sum(int(np.prod(s)) for s in self.shapes)
+        self.train_x, self.train_y, self.hidden_units, self.batch_size = train_x, train_y, hidden_units, batch_size
+        self.term = _TrainingTerm(train_x, train_y, batch_size)
+        self.grad = np.empty(self.size)                      # dJ/dparams, flat
+        self.scratch = np.empty(self.size)                   # adam_inplace's work buffer
+        self.pre = np.empty((batch_size, hidden_units))      # Z
+        self.hidden = np.empty((batch_size, hidden_units))   # A
+        self.dhidden = np.empty((batch_size, hidden_units))  # dA, then dZ
+        self.weights = np.empty((batch_size, N_WEIGHTS))     # w
+        self.weight_grad = np.empty((batch_size, N_WEIGHTS))  # G
+
+
+def global_flat_params(hyper_params):
+    """[(W1, b1), (W2, b2)] -> flat (P,) float64 in autograd.misc.flatten order (a copy)."""
+    return np.concatenate([np.ravel(p) for layer in hyper_params for p in layer]).astype(float)
+
+
+def global_params_list(problem, flat):
+    """Flat (P,) -> [(W1, b1), (W2, b2)] as views (the shapes of neural_network.init_hypernet)."""
+    W1, b1, W2, b2 = _views(flat, problem.shapes)
+    return [(W1, b1), (W2, b2)]
+
+
+def global_step(problem, params, state, lambdas, step_size):
+    """One hand-written global step: objective and gradient at lambdas (K,), then Adam, all in place.
+
+    problem: GlobalProblem; params: flat (P,) float64, overwritten with the new parameters; state:
+    optimizers.AdamState (its m, v are overwritten). Returns (objective before the step: float, new state).
+        problem = GlobalProblem(splits.train_x, splits.train_y, 50, 10)
+        params = global_flat_params(init_hypernet(...)); state = adam_init(params)
+        objective, state = global_step(problem, params, state, lambdas, 1e-4)"""
+    p = problem
+    W1, b1, W2, b2 = _views(params, p.shapes)
+    gW1, gb1, gW2, gb2 = _views(p.grad, p.shapes)
+    # forward: Z = l W1 + b1, A = relu(Z), w = A W2 + b2
+    np.multiply(lambdas[:, None], W1, out=p.pre)
+    p.pre += b1
+    np.maximum(p.pre, 0.0, out=p.hidden)
+    np.dot(p.hidden, W2, out=p.weights)
+    p.weights += b2
+    objective = p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)
+    # backward: dW2 = A' G, db2 = sum_k G_k, dZ = (G W2') * [Z > 0], dW1 = l' dZ, db1 = sum_k dZ_k
+    np.dot(p.hidden.T, p.weight_grad, out=gW2)
+    np.sum(p.weight_grad, axis=0, out=gb2)
+    np.dot(p.weight_grad, W2.T, out=p.dhidden)
+    p.dhidden *= p.pre > 0
+    np.dot(lambdas[None, :], p.dhidden, out=gW1)
+    np.sum(p.dhidden, axis=0, out=gb1)
+    return objective, adam_inplace(params, p.grad, state, step_size, p.scratch)
+
+
+def global_step_reference(problem, params, state, lambdas, step_size):
+    """The same step with autograd's gradient and optimizers.adam_update (textbook Adam): same contract as
+    global_step (params overwritten; returns (objective, new state)); slow, the reference of the tests."""
+    def objective(flat):
+        W1, b1, W2, b2 = [anp.reshape(piece, shape) for piece, shape in
+                          zip(anp.split(flat, np.cumsum([int(np.prod(s)) for s in problem.shapes])[:-1]),
+                              problem.shapes, strict=True)]
+        weights = mlp_predict([(W1, b1), (W2, b2)], anp.reshape(lambdas, (-1, 1)), relu)
+        return mean_objective(weights, lambdas, problem.train_x, problem.train_y)
+
+    value, grad = value_and_grad(objective)(params)
+    new_params, state = adam_update(params, grad, state, step_size)
+    params[...] = new_params
+    return float(value), state
+
+
+# ---------------------------------------------------------------- local step (Algorithm 3, SPEC 4)
+#
+# Linear hypernetwork w(l) = l a + c (flat parameters: a (7850,) then c (7850,), i.e. [(a (1, 7850), c)]).
+# 1. SGD on J at the sampled lambdas l (K,): from G = dJ/dw (K, 7850), da = l' G, dc = sum_k G_k;
+#    a -= s da, c -= s dc.
+# 2. Validation loss at lambda_hat and its slope, through the Gram matrix of the validation set.
+#    With V (Nv, 785) the augmented validation images, Y (Nv, 10) the targets, M = reshape(w(lambda_hat)),
+#    D = reshape(a) = dM/dlambda_hat, S = V'V (785, 785), P = V'Y (785, 10), yy = sum(Y^2):
+#      sum (V M - Y)^2 = tr(M' S M) - 2 tr(M' P) + yy          so  L = 50 / (Nv C) * that + const;
+#      dL/dlambda_hat = 100 / (Nv C) sum((V M - Y) * (V D)) = 100 / (Nv C) tr(D' (S M - P)).
+#    One (785, 785) @ (785, 10) product per step instead of (Nv, 785) @ (785, 20): the same numbers up to
+#    rounding, 785 / Nv of the work. S, P, yy are computed once per run.
+# 3. One Adam step of lambda_hat on that slope (state carried across steps; optimizers.adam_inplace).
+
+class LocalProblem:
+    """Data, validation Gram matrix and buffers of the local step: build once per run, step many times.
+
+    train_x, valid_x: augmented (N, 785); train_y, valid_y (N, 10); batch_size K (lambdas per step)."""
+
+    def __init__(self, train_x, train_y, valid_x, valid_y, batch_size):
+        self.train_x, self.train_y, self.valid_x, self.valid_y = train_x, train_y, valid_x, valid_y
+        self.batch_size = batch_size
+        self.term = _TrainingTerm(train_x, train_y, batch_size)
+        self.gram = valid_x.T @ valid_x                     # S (785, 785)
+        self.cross = valid_x.T @ valid_y                    # P (785, 10)
+        self.target_square = float(np.sum(valid_y ** 2))    # yy
+        self.valid_scale = 50.0 / valid_y.size              # L = valid_scale * sum(...) + const
+        self.weights = np.empty((batch_size, N_WEIGHTS))    # w(l_k)
+        self.weight_grad = np.empty((batch_size, N_WEIGHTS))  # G
+        self.grad = np.empty(2 * N_WEIGHTS)                 # (da, dc)
+        self.matrix = np.empty((N_WEIGHTS // 10, 10))       # M
+        self.product = np.empty((N_WEIGHTS // 10, 10))      # S M
+        self.slope = np.empty(1)                            # dL/dlambda_hat, Adam's gradient
+        self.scratch = np.empty(1)                          # adam_inplace's work buffer for lambda_hat
+
+
+def local_valid_loss_and_slope(problem, params, lambda_hat):
+    """Validation loss of w(lambda_hat) and its derivative in lambda_hat, through the Gram matrix: two floats.
+
+    params: flat (15700,) = (a, c); lambda_hat: float. See step 2 of the comment above."""
+    p, (n_in, n_out) = problem, (LAYER_SIZES[0] + 1, LAYER_SIZES[1])
+    a, c = params[:N_WEIGHTS], params[N_WEIGHTS:]
+    np.multiply(a, lambda_hat, out=p.matrix.reshape(-1))
+    p.matrix.reshape(-1)[...] += c                          # M = lambda_hat a + c
+    np.dot(p.gram, p.matrix, out=p.product)                 # S M
+    quadratic = np.vdot(p.matrix, p.product) - 2.0 * np.vdot(p.matrix, p.cross) + p.target_square
+    p.product -= p.cross                                    # S M - P
+    slope = 2.0 * p.valid_scale * np.vdot(a.reshape(n_in, n_out), p.product)   # 100 / (Nv C) tr(D'(SM - P))
+    return float(p.valid_scale * quadratic + LOG_SIGMA_CONST), float(slope)
+
+
+def local_step(problem, params, lambda_hat, state, lambdas, hypernet_step_size, hyper_step_size):
+    """One hand-written outer step of Algorithm 3: hypernetwork SGD at lambdas (K,), then Adam on lambda_hat.
+
+    problem: LocalProblem; params: flat (15700,) = (a, c), overwritten; lambda_hat: (1,) float64, overwritten;
+    state: optimizers.AdamState of lambda_hat. Returns (training objective before the SGD step, validation loss
+    at lambda_hat after it, its slope, new state).
+        problem = LocalProblem(splits.train_x, splits.train_y, splits.valid_x, splits.valid_y, 10)
+        params = local_flat_params(init_hypernet("linear", ...)); lambda_hat = np.array([-3.5])
+        state = adam_init(lambda_hat)
+        objective, valid, slope, state = local_step(problem, params, lambda_hat, state, lambdas, 1e-4, 0.01)"""
+    p = problem
+    a, c = params[:N_WEIGHTS], params[N_WEIGHTS:]
+    np.multiply(lambdas[:, None], a, out=p.weights)
+    p.weights += c                                          # w(l_k) = l_k a + c
+    objective = p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)
+    da, dc = p.grad[:N_WEIGHTS], p.grad[N_WEIGHTS:]
+    np.dot(lambdas, p.weight_grad, out=da)                  # da = l' G
+    np.sum(p.weight_grad, axis=0, out=dc)                   # dc = sum_k G_k
+    p.grad *= hypernet_step_size
+    params -= p.grad                                        # SGD, no momentum
+    valid, slope = local_valid_loss_and_slope(p, params, float(lambda_hat[0]))
+    p.slope[0] = slope
+    state = adam_inplace(lambda_hat, p.slope, state, hyper_step_size, p.scratch)
+    return objective, valid, slope, state
+
+
+def local_flat_params(hyper_params):
+    """[(a (1, 7850), c (7850,))] -> flat (15700,) float64 (a copy)."""
+    (a, c), = hyper_params
+    return np.concatenate([np.ravel(a), np.ravel(c)]).astype(float)
+
+
+def local_params_list(flat):
+    """Flat (15700,) -> [(a (1, 7850), c (7850,))] as views."""
+    return [(flat[:N_WEIGHTS].reshape(1, N_WEIGHTS), flat[N_WEIGHTS:])]
+
+
+def local_step_reference(problem, params, lambda_hat, state, lambdas, hypernet_step_size, hyper_step_size):
+    """The same step with autograd: the SGD gradient of J, the validation loss and its slope through the full
+    (Nv, 785) validation set, and optimizers.adam_update. Same contract as local_step; slow (the reference)."""
+    def training(flat):
+        weights = anp.reshape(lambdas, (-1, 1)) * flat[:N_WEIGHTS] + flat[N_WEIGHTS:]
+        return mean_objective(weights, lambdas, problem.train_x, problem.train_y)
+
+    def validation(lam, flat):
+        weights = anp.reshape(lam * flat[:N_WEIGHTS] + flat[N_WEIGHTS:], (1, N_WEIGHTS))
+        return prediction_loss(weights, problem.valid_x, problem.valid_y)[0]
+
+    objective, grad = value_and_grad(training)(params)
+    params[...] = params - hypernet_step_size * grad
+    valid, slope = value_and_grad(validation)(float(lambda_hat[0]), params)
+    new_lambda, state = adam_update(lambda_hat, np.array([slope]), state, hyper_step_size)
+    lambda_hat[...] = new_lambda
+    return float(objective), float(valid), float(slope), state

@@ -222,3 +222,46 @@ def test_quick_mode_on_real_mnist(module, keys, mnist_dir, tmp_path):
     assert set(summary) == keys and summary["config"]["data"] == "mnist"
     assert (tmp_path / f"{module.NAME}.pdf").exists() and (tmp_path / f"{module.NAME}.png").exists()
     assert 0.0 < summary["lambda_star_cv"] < 4.0  # even a short cross-validation puts lambda* inside the sweep
+
+
+# ------------------------------------------------------------------ hot loops against autograd
+
+def test_global_step_equals_autograd_reference_over_several_steps(splits):
+    from neural_network import init_hypernet
+    from optimizers import adam_init
+
+    problem = se.GlobalProblem(splits.train_x, splits.train_y, 50, 10)
+    fast = se.global_flat_params(init_hypernet("mlp", 1, se.N_WEIGHTS, 0.01, np.random.RandomState(7), hidden=50))
+    ref = fast.copy()
+    fast_state, ref_state = adam_init(fast), adam_init(ref)
+    for step in range(6):
+        lambdas = np.clip(1.0 + 3.0 * np.random.RandomState(step).randn(10), -100, 4)
+        fast_objective, fast_state = se.global_step(problem, fast, fast_state, lambdas, 1e-3)
+        ref_objective, ref_state = se.global_step_reference(problem, ref, ref_state, lambdas, 1e-3)
+        assert fast_objective == pytest.approx(ref_objective, rel=1e-9)
+        np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-9 * np.max(np.abs(ref)))
+        np.testing.assert_allclose(fast_state.m, ref_state.m, rtol=1e-9, atol=1e-9 * np.max(np.abs(ref_state.m)))
+        np.testing.assert_allclose(fast_state.v, ref_state.v, rtol=1e-9, atol=1e-9 * np.max(ref_state.v))
+        assert fast_state.step == ref_state.step == step + 1
+    assert not np.allclose(fast, se.global_flat_params(init_hypernet("mlp", 1, se.N_WEIGHTS, 0.01,
+                                                                      np.random.RandomState(7), hidden=50)))
+
+
+def test_local_step_equals_autograd_reference_over_several_steps(splits):
+    from neural_network import init_hypernet
+    from optimizers import adam_init
+
+    problem = se.LocalProblem(splits.train_x, splits.train_y, splits.valid_x, splits.valid_y, 10)
+    fast = se.local_flat_params(init_hypernet("linear", 1, se.N_WEIGHTS, 0.01, np.random.RandomState(7)))
+    ref = fast.copy()
+    fast_lambda, ref_lambda = np.array([-3.5]), np.array([-3.5])
+    fast_state, ref_state = adam_init(fast_lambda), adam_init(ref_lambda)
+    for step in range(6):
+        lambdas = fast_lambda[0] + 0.3 * np.random.RandomState(step).randn(10)
+        *fast_out, fast_state = se.local_step(problem, fast, fast_lambda, fast_state, lambdas, 1e-4, 0.05)
+        *ref_out, ref_state = se.local_step_reference(problem, ref, ref_lambda, ref_state, lambdas, 1e-4, 0.05)
+        np.testing.assert_allclose(fast_out, ref_out, rtol=1e-9)
+        np.testing.assert_allclose(fast, ref, rtol=1e-9, atol=1e-9 * np.max(np.abs(ref)))
+        np.testing.assert_allclose(fast_lambda, ref_lambda, rtol=1e-9)
+        np.testing.assert_allclose([fast_state.m[0], fast_state.v[0]], [ref_state.m[0], ref_state.v[0]], rtol=1e-9)
+    assert fast_lambda[0] != -3.5
