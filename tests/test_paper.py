@@ -1,4 +1,5 @@
 """The paper: the macros make_results_tex.py writes, and a full LaTeX build of paper/ from the committed figures."""
+import importlib
 import json
 import re
 import shutil
@@ -16,19 +17,6 @@ PAPER = REPO / "paper"
 SCRIPT = REPO / "code" / "make_results_tex.py"
 NA = r"\textup{n/a}"
 
-GLOBAL = {
-    "lambda_star_cv": 1.8363, "lambda_star_hypernet": 1.9, "cv_lambdas": [-1.0, 1.0, 3.0],
-    "cv_valid_loss": [1.0, 2.0, 3.0], "hypernet_valid_at_cv": [1.1, 2.0, 2.9], "iterations": 5000,
-    "seconds": 123.4, "config": {"step_size": 1e-4},
-}
-SCATTER = {
-    "gp": {"error_mean": -0.0412, "error_std": 0.0731, "predicted_best_true_loss": 0.6712},
-    "hypernet_fixed": {"error_mean": 0.0523, "error_std": 0.0911, "predicted_best_true_loss": 0.6012},
-    "hypernet_stochastic": {"error_mean": 0.0012, "error_std": 0.0123, "predicted_best_true_loss": 0.5955},
-    "true_best": 0.5931, "n_train_tuples": 25, "n_heldout": 10215, "seconds": 7.25, "config": {},
-}
-
-
 def _write_json(folder, name, obj):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.json").write_text(json.dumps(obj))
@@ -39,130 +27,99 @@ def _macros(tex):
     return dict(re.findall(r"^\\newcommand\{\\([A-Za-z]+)\}\{(.*)\}$", tex, flags=re.M))
 
 
-def _run(results_dir, out, capsys):
-    rc = make_results_tex.main(["--results-dir", str(results_dir), "--out", str(out)])
-    err = capsys.readouterr().err
-    return rc, err
+@pytest.fixture
+def toy_only(monkeypatch):
+    """The paper step sees one experiment: tests/protocol_toy.py."""
+    monkeypatch.setattr(make_results_tex.experiments, "ALL", ("protocol_toy",))
+    monkeypatch.setattr(make_results_tex.experiments, "SEEDED", ("protocol_toy",))
+
+
+def _toy_results(folder, final=0.01, **extra):
+    _write_json(folder, "protocol_toy", {"experiment": "protocol_toy", "final": final, **extra})
+
+
+def _run(results_dir, out, capsys, *extra):
+    rc = make_results_tex.main(["--results-dir", str(results_dir), "--out", str(out), "--no-readme", *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
 
 # --------------------------------------------------------------------------------- make_results_tex.py
 
-def test_macros_from_crafted_json(tmp_path, capsys):
-    results = tmp_path / "results"
-    _write_json(results, "hypernets_global_small", GLOBAL)
-    _write_json(results, "learn_vs_true_loss_scatter", SCATTER)
-    out = tmp_path / "results.tex"
-    rc, err = _run(results, out, capsys)
+def test_macros_come_from_each_experiments_tex_numbers(tmp_path, capsys, toy_only):
+    _toy_results(tmp_path / "results", final=0.0123)
+    rc, out, _ = _run(tmp_path / "results", tmp_path / "results.tex", capsys)
     assert rc == 0
-    macros = _macros(out.read_text())
-    assert macros["GlobalLambdaStarCV"] == r"\ensuremath{1.84}"
-    assert macros["GlobalLambdaStarHypernet"] == r"\ensuremath{1.90}"
-    assert macros["GlobalLambdaGap"] == r"\ensuremath{0.06}"
-    assert macros["GlobalCurveGap"] == r"\ensuremath{0.067}"  # mean |(0.1, 0, 0.1)|
-    assert macros["GlobalNumCV"] == r"\ensuremath{3}"
-    assert macros["GlobalIterations"] == r"\ensuremath{5{,}000}"
-    assert macros["GlobalSeconds"] == r"\ensuremath{123}"
-    assert macros["GlobalStepSize"] == r"\ensuremath{10^{-4}}"
-    assert macros["ScatterGPErrorMean"] == r"\ensuremath{-0.041}"
-    assert macros["ScatterStochErrorStd"] == r"\ensuremath{0.012}"
-    assert macros["ScatterFixedBestTrue"] == r"\ensuremath{0.601}"
-    assert macros["ScatterStochBestGap"] == r"\ensuremath{0.0024}"
-    assert macros["ScatterNHeldout"] == r"\ensuremath{10{,}215}"
-    assert macros["ScatterSeconds"] == r"\ensuremath{7.2}"
-    # the experiments without a JSON file are placeholders, each reported once on stderr
-    assert macros["LocalLambdaFinal"] == NA and macros["ManifoldLambdaStar"] == NA
-    assert "hypernets_local_small.json not found" in err
-    assert "hypernets_global_small.json not found" not in err
-    assert r"\AllResultsPresentfalse" in out.read_text()
+    macros = _macros((tmp_path / "results.tex").read_text())
+    assert macros["ToyFinal"] == "0.012" and macros["MissingResults"] == ""
+    assert "Reproduction scorecard" in out and "toy-min" in out
 
 
-def test_comparison_words_and_nested_results(tmp_path, capsys):
-    results = tmp_path / "results"
-    run = {"final_valid": 0.0413, "final_test": 0.0398, "best_valid": 0.0412, "test_at_best_valid": 0.0398,
-           "seconds_to_1pct_of_final_valid": 16.2, "steps": 1833, "seconds": 240.0}
-    _write_json(results, "hypernets_local_large", {
-        "hyper": run, "unrolled": {**run, "final_valid": 0.0399, "final_test": 0.0401},
-        "target": {"met": False, "unrolled_seconds": None}, "total_seconds": 512.0})
-    model = {"final_valid": 0.02, "hand_tuned": {"best_valid": 0.03}, "n_hyperparameters": 7850}
-    _write_json(results, "compare_number_layers", {
-        "models": {"784-10": model, "784-100-10": {**model, "final_valid": 0.04}, "784-100-100-10": model},
-        "target": {"deeper_models_below_linear_valid": False}})
-    out = tmp_path / "results.tex"
-    rc, _ = _run(results, out, capsys)
-    assert rc == 0
-    macros = _macros(out.read_text())
-    assert macros["LargeValidWord"] == "higher" and macros["LargeTestWord"] == "lower"
-    assert macros["LargeTargetWord"] == "does not"
-    assert macros["LargeUnrolledToHyperLevel"] == r"\textup{not within the budget}"
-    assert macros["LargeHyperSteps"] == r"\ensuremath{1{,}833}"
-    assert macros["LayersOneName"] == "784--10" and macros["LayersThreeName"] == "784--100--100--10"
-    assert macros["LayersOneVsHandWord"] == "below" and macros["LayersTwoVsHandWord"] == "above"
-    assert macros["LayersDeeperWord"] == "do not both end"
-    assert macros["LayersTwoNumHypers"] == r"\ensuremath{7{,}850}"
-    assert macros["LargeBudget"] == NA  # no config in this summary
+def test_scorecard_rows_follow_the_results(tmp_path, capsys, toy_only):
+    for final, verdict in ((0.01, "reproduced"), (3.0, "not reproduced")):
+        _toy_results(tmp_path / "results", final=final)
+        assert _run(tmp_path / "results", tmp_path / "results.tex", capsys)[0] == 0
+        rows = json.loads((tmp_path / "results" / "scorecard.json").read_text())
+        assert [r["verdict"] for r in rows] == [verdict]
+        assert set(rows[0]) >= {"id", "experiment", "claim", "paper", "ours", "verdict", "evidence"}
+        assert "toy-min" in (tmp_path / "results" / "scorecard.tex").read_text()
 
 
-def test_missing_json_gives_na_and_one_warning_per_file(tmp_path, capsys):
-    out = tmp_path / "results.tex"
-    rc, err = _run(tmp_path / "nothing-here", out, capsys)
-    assert rc == 0
-    macros = _macros(out.read_text())
-    expected = [m.name for ms in make_results_tex.EXPERIMENTS.values() for m in ms]
-    assert set(expected) <= set(macros)
-    assert all(macros[name] == NA for name in expected)
-    lines = err.strip().splitlines()
-    assert len(lines) == len(make_results_tex.EXPERIMENTS)
-    assert all(line.startswith("warning: ") and "not found" in line for line in lines)
-    assert r"\AllResultsPresentfalse" in out.read_text()
-    assert r"\texttt{hypernets\_global\_small}" in macros["MissingResults"]
+def test_seeds_give_mean_and_sd(tmp_path, capsys, toy_only):
+    _toy_results(tmp_path / "results")
+    for seed, final in ((1, 0.02), (2, 0.04), (3, 0.5)):
+        _toy_results(tmp_path / "seeds" / f"seed-{seed}" / "results", final=final)
+    assert _run(tmp_path / "results", tmp_path / "results.tex", capsys, "--seeds-dir", str(tmp_path / "seeds"))[0] == 0
+    row = json.loads((tmp_path / "results" / "scorecard.json").read_text())[0]
+    assert row["seeds"]["seeds"] == ["1", "2", "3"] and row["seeds_reproduced"] == "2/3"
+    assert abs(row["seeds"]["mean"] - 0.18666666666666668) < 1e-12
 
 
-def test_missing_or_bad_key_gives_na_and_warning(tmp_path, capsys):
-    results = tmp_path / "results"
-    _write_json(results, "hypernets_global_small", {**GLOBAL, "lambda_star_cv": float("nan"), "seconds": "slow"})
-    out = tmp_path / "results.tex"
-    rc, err = _run(results, out, capsys)
-    assert rc == 0
-    macros = _macros(out.read_text())
-    assert macros["GlobalLambdaStarCV"] == NA and macros["GlobalSeconds"] == NA and macros["GlobalLambdaGap"] == NA
-    assert macros["GlobalLambdaStarHypernet"] == r"\ensuremath{1.90}"
-    assert "\\GlobalLambdaStarCV" in err and "\\GlobalSeconds" in err
+def test_missing_results_read_na_and_are_listed(tmp_path, capsys, toy_only):
+    (tmp_path / "results").mkdir()
+    rc, _, err = _run(tmp_path / "results", tmp_path / "results.tex", capsys)
+    assert rc == 0 and "protocol_toy.json not found" in err
+    text = (tmp_path / "results.tex").read_text()
+    assert r"\AllResultsPresentfalse" in text and r"\texttt{protocol\_toy}" in _macros(text)["MissingResults"]
+    assert json.loads((tmp_path / "results" / "scorecard.json").read_text())[0]["verdict"] == "not evaluated"
 
 
-def test_all_results_present_sets_flag(tmp_path, capsys):
-    results = tmp_path / "results"
-    for name in make_results_tex.EXPERIMENTS:
-        _write_json(results, name, {"seconds": 1.0})
-    out = tmp_path / "results.tex"
-    rc, _ = _run(results, out, capsys)
-    assert rc == 0
-    assert r"\AllResultsPresenttrue" in out.read_text()
-    assert _macros(out.read_text())["MissingResults"] == ""
-
-
-def test_corrupt_json_is_a_one_line_error(tmp_path):
+@pytest.mark.parametrize("content", ['{"final": 1.2,', '{"final": NaN}', "[1, 2]", '{"experiment": "other"}'])
+def test_bad_results_json_is_a_one_line_error_and_keeps_old_outputs(tmp_path, content):
     results = tmp_path / "results"
     results.mkdir()
-    (results / "loss_manifold.json").write_text('{"lambda_star": 1.2,')  # truncated
+    (results / "loss_manifold.json").write_text(content)
     out = tmp_path / "results.tex"
     out.write_text("% previous build\n")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--results-dir", str(results), "--out", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--results-dir", str(results), "--out", str(out),
+                           "--no-readme"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("warning: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "loss_manifold.json" in errors[0]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "loss_manifold.json" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert out.read_text() == "% previous build\n"  # the old file is left alone
+    assert out.read_text() == "% previous build\n"
 
 
-def test_macro_names_are_letters_and_unique_and_cover_main_tex():
-    names = [m.name for ms in make_results_tex.EXPERIMENTS.values() for m in ms]
-    assert all(re.fullmatch(r"[A-Za-z]+", n) for n in names)
-    assert len(names) == len(set(names))
-    # every results macro main.tex uses is one the generator defines (a typo would be an undefined command)
-    used = _used_result_macros()
-    assert used, "main.tex quotes no generated numbers"
-    assert used <= set(names), f"main.tex uses undefined result macros: {sorted(used - set(names))}"
+def test_readme_tables_are_replaced_between_markers():
+    text = "top\n" + "\n".join(make_results_tex.MARKERS["scorecard"]) + "\nbottom\n"
+    new = make_results_tex.replace_between(text, "scorecard", "| a |")
+    assert new.startswith("top\n") and "| a |" in new and new.endswith("bottom\n")
+    with pytest.raises(make_results_tex.ResultsError):
+        make_results_tex.replace_between("no markers", "runtimes", "x")
+
+
+def test_committed_results_define_every_number_main_tex_quotes(capsys):
+    """Every result macro main.tex uses is exported by an experiment's committed results (no n/a, no typo)."""
+    warnings = []
+    tex, rows, _ = make_results_tex.build(PAPER / "results", warnings.append)
+    macros = _macros(tex)
+    assert not [w for w in warnings if "reads n/a" in w or "lacks" in w], warnings
+    unavailable = sorted(name for name in _used_result_macros() if macros.get(name) == NA)
+    assert not unavailable
+    assert rows and all(r["verdict"] != "not evaluated" for r in rows), [r["id"] for r in rows
+                                                                         if r["verdict"] == "not evaluated"]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
 
 
 # --------------------------------------------------------------------------------- the LaTeX build
@@ -174,7 +131,8 @@ def _main_tex():
 
 def _used_result_macros():
     """Names of the generated result macros main.tex uses."""
-    prefixes = ("Global", "Local", "Manifold", "Scatter", "Large", "Layers", "Medium")
+    prefixes = [m.TEX_PREFIX for n in make_results_tex.experiments.ALL
+                if hasattr(m := importlib.import_module(n), "TEX_PREFIX")]
     return set(re.findall(r"\\((?:%s)[A-Za-z]*)" % "|".join(prefixes), _main_tex()))
 
 
@@ -222,9 +180,10 @@ def test_paper_builds_from_committed_figures(tmp_path):
             shutil.copy(path, build / "results" / path.name)
 
     proc = subprocess.run([sys.executable, str(SCRIPT), "--results-dir", str(build / "results"),
-                           "--out", str(build / "results.tex")], capture_output=True, text=True, timeout=60)
+                           "--out", str(build / "results.tex"), "--no-readme"], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
-    absent = [n for n in make_results_tex.EXPERIMENTS if not (build / "results" / f"{n}.json").is_file()]
+    absent = [n for n in make_results_tex.experiments.ALL if not (build / "results" / f"{n}.json").is_file()]
     assert not absent, f"results missing from paper/results/: {', '.join(n + '.json' for n in absent)}"
 
     proc = subprocess.run(["latexmk", "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"],
