@@ -1,0 +1,295 @@
+"""Exact references for the per-weight-decay problem (SPEC section 9; issue 10 items 1, 3 and 5).
+
+For the linear model with plain MSE over all N x C outputs and the penalty sum_j exp(lambda_j) w_j^2 (weights and
+biases), training converges to a closed form, one (D+1) x (D+1) solve per output class c:
+
+    (X~'X~ / (C N) + diag(exp(lambda_c))) w_c = X~' y_c / (C N),   X~ = [X, 1]   (N, D+1),
+
+where w_c = [W[:, c], b[c]] (D+1,) is class c's column of weights with its bias, and lambda_c its decays. From it:
+
+* `fixed_lambda_reference`  valid / test loss at the closed form for a given lambda: the level plain training at
+                            that lambda reaches when trained to convergence (a curve plateauing there tuned nothing);
+* `exact_hypergradient`     dL_V/dlambda by implicit differentiation, exact for the linear model;
+* `hypernet_hypergradient`  J_phi(lambda)' dL_V/dw, the direction hyper-training's lambda step follows; `cosine`;
+* `exact_hypergradient_descent`  Adam on lambda with the exact hypergradient at the closed-form weights (Lorraine,
+                            Vicol & Duvenaud 2020, in exact form), as a (state, step_fn, evaluate) triple for
+                            per_weight_decay.run_budgeted / BudgetedRun;
+* `train_to_convergence`    the fixed-lambda reference of deeper models: Adam until the validation loss stops
+                            improving for a patience window;
+* `block_splits`, `split_sensitivity`  which 10,000-image block of MNIST's training set is the validation set,
+                            and the fixed-lambda reference's valid - test gap for each block.
+
+Flat weights follow neural_network.flatten_params: W (D, C) row-major (index i*C + c), then b (index D*C + c).
+Everything is float64 numpy; the hand-written gradients are checked against autograd in tests/test_references.py.
+"""
+from typing import NamedTuple
+
+import autograd.numpy as anp
+import numpy as np
+import scipy.linalg
+from autograd import grad
+
+from common import check_finite, step_rng
+from data_loader import Splits, _check_sizes
+from neural_network import hypernet_activation, hypernet_weights, identity, num_params
+from optimizers import adam_init, adam_inplace
+
+BLOCK = 10000               # images per block of MNIST's training set (SPEC section 7: splits of 10,000)
+VALID_BLOCKS = (1, 2, 3, 4, 5)  # the validation blocks split_sensitivity compares (train = block 0)
+
+# train_to_convergence defaults (our choice: Adam 1e-3 on minibatches of 100 converges the 784-100-100-10 model
+# within a few thousand steps; the patience window absorbs minibatch noise in the validation curve)
+CONVERGE_STEP = 1e-3
+CONVERGE_BATCH = 100
+CONVERGE_EVAL_EVERY = 100   # steps between full validation evaluations
+CONVERGE_PATIENCE = 10      # evaluations without improvement before stopping
+CONVERGE_MAX_STEPS = 20000
+
+EXACT_STEP = 0.1            # Adam step size of exact_hypergradient_descent (our choice, like the unrolled 0.2)
+STREAM_CONVERGE_BATCH = 21  # step_rng stream of train_to_convergence's minibatches
+
+
+# ------------------------------------------------------------------------------------ weight layout
+
+def flat_to_classes(flat, n_in, n_out):
+    """Flat linear-model weights (P,) = [W (n_in, n_out) row-major, b (n_out,)] -> per class (n_out, n_in + 1)."""
+    W = np.reshape(flat[:n_in * n_out], (n_in, n_out))
+    return np.concatenate([W.T, np.reshape(flat[n_in * n_out:], (n_out, 1))], axis=1)
+
+
+def classes_to_flat(per_class):
+    """Inverse of flat_to_classes: per class (n_out, n_in + 1) -> flat (P,) in flatten_params order."""
+    return np.concatenate([per_class[:, :-1].T.ravel(), per_class[:, -1]])
+
+
+def augment(x):
+    """X~ = [X, 1]: (N, D) -> (N, D + 1)."""
+    return np.concatenate([x, np.ones((len(x), 1))], axis=1)
+
+
+# --------------------------------------------------------------------------------------- closed form
+
+class Ridge(NamedTuple):
+    """The training data's sufficient statistics: gram X~'X~/(C N) (D+1, D+1), rhs X~'Y/(C N) (D+1, C)."""
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    n_in: int
+    n_out: int
+
+
+def ridge_problem(x, y):
+    """Ridge statistics of training images x (N, D) and targets y (N, C)."""
+    xa = augment(x)
+    scale = 1.0 / (len(x) * y.shape[1])  # MSE is a mean over N x C entries
+    return Ridge(scale * xa.T @ xa, scale * xa.T @ y, x.shape[1], y.shape[1])
+
+
+def as_decays(lam, ridge):
+    """lambda as a flat (P,) vector: a scalar is broadcast to every weight and bias."""
+    P = num_params([ridge.n_in, ridge.n_out])
+    lam = np.broadcast_to(np.asarray(lam, dtype=float), (P,)) if np.ndim(lam) == 0 else np.asarray(lam, float)
+    if lam.shape != (P,):
+        raise ValueError(f"lambda has shape {lam.shape}, the linear model needs ({P},)")
+    return lam
+
+
+def _factors(ridge, lam):
+    """Cholesky factors of A_c = gram + diag(exp(lambda_c)) for each class c, and exp(lambda) per class (C, D+1)."""
+    decay = np.exp(flat_to_classes(as_decays(lam, ridge), ridge.n_in, ridge.n_out))
+    idx = np.arange(ridge.n_in + 1)
+    factors = []
+    for c in range(ridge.n_out):
+        A = ridge.gram.copy()
+        A[idx, idx] += decay[c]
+        factors.append(scipy.linalg.cho_factor(A, lower=True, check_finite=False))
+    return factors, decay
+
+
+def best_response(ridge, lam):
+    """Closed-form minimiser w*(lambda) of MSE + sum_j exp(lambda_j) w_j^2: lam (P,) or scalar -> flat (P,).
+
+    Setting the gradient 2 X~'(X~ w_c - y_c)/(C N) + 2 exp(lambda_c) w_c of class c's part to zero gives
+    A_c w_c = X~' y_c/(C N) (the factor 2 cancels)."""
+    factors, _ = _factors(ridge, lam)
+    per_class = np.stack([scipy.linalg.cho_solve(f, ridge.rhs[:, c], check_finite=False)
+                          for c, f in enumerate(factors)])
+    return classes_to_flat(per_class)
+
+
+def linear_loss(flat, x, y):
+    """Plain MSE of the linear model: flat (P,), x (N, D), y (N, C) -> scalar."""
+    per_class = flat_to_classes(flat, x.shape[1], y.shape[1])
+    return float(np.mean((augment(x) @ per_class.T - y) ** 2))
+
+
+def linear_loss_grad(flat, x, y):
+    """d/dw of linear_loss: flat (P,) -> (P,). mean((X~ w_c - y_c)^2) over N x C gives 2 X~'r_c / (C N)."""
+    per_class = flat_to_classes(flat, x.shape[1], y.shape[1])
+    residual = augment(x) @ per_class.T - y  # (N, C)
+    g_classes = (2.0 / residual.size) * (augment(x).T @ residual).T  # (C, D+1)
+    return classes_to_flat(g_classes)
+
+
+def training_objective(flat, lam, x, y):
+    """MSE + sum_j exp(lambda_j) w_j^2 of the linear model: flat (P,), lam (P,) -> scalar."""
+    return linear_loss(flat, x, y) + float(np.sum(np.exp(lam) * flat ** 2))
+
+
+def exact_hypergradient(ridge, lam, x_valid, y_valid):
+    """dL_V(w*(lambda))/dlambda by implicit differentiation: lam (P,) -> (hypergradient (P,), w* (P,), L_V).
+
+    Derivation: A_c(lambda) w_c = r_c with A_c = gram + diag(exp(lambda_c)). Differentiating in lambda_cj,
+    A_c dw_c/dlambda_cj + e_j exp(lambda_cj) w_cj = 0, so dw_c/dlambda_cj = -exp(lambda_cj) w_cj A_c^{-1} e_j and
+    dL_V/dlambda_cj = g_c' dw_c/dlambda_cj = -exp(lambda_cj) w_cj (A_c^{-1} g_c)_j (A_c symmetric), with
+    g_c = dL_V/dw_c = 2 X~_V'(X~_V w_c - y_c)/(C N_V). L_V has no direct dependence on lambda."""
+    lam = as_decays(lam, ridge)
+    factors, decay = _factors(ridge, lam)
+    per_class = np.stack([scipy.linalg.cho_solve(f, ridge.rhs[:, c], check_finite=False)
+                          for c, f in enumerate(factors)])
+    w = classes_to_flat(per_class)
+    g = flat_to_classes(linear_loss_grad(w, x_valid, y_valid), ridge.n_in, ridge.n_out)
+    solved = np.stack([scipy.linalg.cho_solve(f, g[c], check_finite=False) for c, f in enumerate(factors)])
+    return classes_to_flat(-decay * per_class * solved), w, linear_loss(w, x_valid, y_valid)
+
+
+def fixed_lambda_reference(lam, splits, ridge=None):
+    """Valid / test / train MSE at the closed form w*(lambda): the converged level of plain training at lambda.
+
+    lam: scalar or (P,); splits: data_loader.Splits; ridge: ridge_problem(train) if already computed."""
+    ridge = ridge_problem(splits.train_x, splits.train_y) if ridge is None else ridge
+    w = best_response(ridge, lam)
+    return {"valid": linear_loss(w, splits.valid_x, splits.valid_y),
+            "test": linear_loss(w, splits.test_x, splits.test_y),
+            "train": linear_loss(w, splits.train_x, splits.train_y)}
+
+
+# ------------------------------------------------------------------------------ hypernetwork direction
+
+def hypernet_hypergradient(phi, lam, settings, problem, x, y, offset=None):
+    """J_phi(lambda)' dL_V/dw at w_phi(lambda): the lambda direction of hyper-training. lam (H,) -> (H,).
+
+    phi: hypernetwork [(W, b), ...]; settings: per_weight_decay.Alg3Settings (hypernet kind, input_offset);
+    problem: per_weight_decay.HyperProblem (its valid_loss); x, y: the validation data to use; offset: the
+    hypernetwork's input shift (default settings.input_offset; pass lambda_hat to centre on the current value).
+    For linear / factorised hypernetworks w = (lambda - offset) W_1 W_2 ... + const, so J' g = W_1 (W_2 (... g))."""
+    offset = settings.input_offset if offset is None else offset
+    activation = hypernet_activation(settings.hypernet_kind)
+    w = hypernet_weights(phi, lam[None, :] - offset, activation)
+    g = grad(lambda v: problem.valid_loss(v, x, y)[0])(w)  # dL_V/dw (1, P)
+    if activation is not identity:
+        return grad(lambda l: anp.sum(hypernet_weights(phi, l[None, :] - offset, activation) * g))(lam)
+    for W, _ in reversed(phi):
+        g = g @ W.T
+    return g[0]
+
+
+def cosine(a, b):
+    """Cosine of the angle between two vectors (0 when either is zero)."""
+    a, b = np.ravel(a), np.ravel(b)
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / norm) if norm > 0 else 0.0
+
+
+# ------------------------------------------------------------------ exact-hypergradient descent (method 3)
+
+class ExactState(NamedTuple):
+    """lambda (P,), its Adam state, steps done."""
+
+    lam: np.ndarray
+    adam: object
+    step: int
+
+
+def exact_hypergradient_descent(splits, lam0, step_size=EXACT_STEP, ridge=None):
+    """(state, step_fn, evaluate) of Adam on lambda with the exact hypergradient on the full validation set.
+
+    Each step solves for w*(lambda) (Cholesky per class) and takes one Adam step along exact_hypergradient;
+    evaluate(state) -> (valid, test) MSE at w*(lambda). Usable with per_weight_decay.run_budgeted."""
+    ridge = ridge_problem(splits.train_x, splits.train_y) if ridge is None else ridge
+    lam = as_decays(lam0, ridge).copy()
+
+    def step_fn(state, i):
+        g, _, value = exact_hypergradient(ridge, state.lam, splits.valid_x, splits.valid_y)
+        check_finite(value, i, "exact validation loss")
+        new = state.lam.copy()
+        adam = adam_inplace(new, g, state.adam, step_size, np.empty(new.size))
+        return ExactState(new, adam, state.step + 1)
+
+    def evaluate(state):
+        w = best_response(ridge, state.lam)
+        return linear_loss(w, splits.valid_x, splits.valid_y), linear_loss(w, splits.test_x, splits.test_y)
+
+    return ExactState(lam, adam_init(lam), 0), step_fn, evaluate
+
+
+# ------------------------------------------------------------------------------- deeper models (no closed form)
+
+def train_to_convergence(layer_sizes, lam, splits, seed=7, step_size=CONVERGE_STEP, batch_size=CONVERGE_BATCH,
+                         eval_every=CONVERGE_EVAL_EVERY, patience=CONVERGE_PATIENCE, max_steps=CONVERGE_MAX_STEPS,
+                         w0=None):
+    """Plain training at fixed lambda until the validation MSE stops improving for `patience` evaluations.
+
+    Adam on MSE + sum_j exp(lambda_j) w_j^2 over minibatches (step_rng(seed, step, stream)), from w0 (P,) or a
+    fan-in init (RandomState(seed)). Returns dict valid (best), test (at the best validation), step of the
+    best, steps run, converged (stopped by patience, not max_steps), weights (P,) at the best."""
+    from per_weight_decay import decay_objective, fan_in_init, mse_loss
+
+    P = num_params(layer_sizes)
+    lam = np.broadcast_to(np.asarray(lam, float), (P,)) if np.ndim(lam) == 0 else np.asarray(lam, float)
+    objective, loss = decay_objective(layer_sizes), mse_loss(layer_sizes)
+    gradient = grad(lambda w, x, y: objective(w[None, :], lam[None, :], x, y)[0])
+    w = fan_in_init(layer_sizes, np.random.RandomState(seed)) if w0 is None else np.array(w0, float)
+    adam, scratch = adam_init(w), np.empty(P)
+    best = {"valid": np.inf, "test": np.inf, "step": 0, "weights": w.copy()}
+    since_best, step = 0, 0
+    while step < max_steps and since_best < patience:
+        for _ in range(eval_every):
+            idx = step_rng(seed, step, STREAM_CONVERGE_BATCH).randint(0, len(splits.train_x), size=batch_size)
+            g = gradient(w, splits.train_x[idx], splits.train_y[idx])
+            check_finite(g, step, "training gradient")
+            adam = adam_inplace(w, g, adam, step_size, scratch)
+            step += 1
+        valid = float(loss(w[None, :], splits.valid_x, splits.valid_y)[0])
+        if valid < best["valid"]:
+            best = {"valid": valid, "test": float(loss(w[None, :], splits.test_x, splits.test_y)[0]),
+                    "step": step, "weights": w.copy()}
+            since_best = 0
+        else:
+            since_best += 1
+    return {**best, "steps": step, "converged": since_best >= patience}
+
+
+# ------------------------------------------------------------------------------------- split sensitivity
+
+def block_splits(data, valid_block, train_block=0, block=BLOCK, n_test=BLOCK):
+    """Train = training-image block train_block, valid = block valid_block (blocks of `block` images:
+    block k = images [k*block, (k+1)*block)), test = the first n_test test images. valid_block 1 with
+    train_block 0 is per_weight_decay.large_splits."""
+    if valid_block == train_block:
+        raise ValueError(f"the validation block {valid_block} is the training block")
+    for k in (valid_block, train_block):
+        if k < 0:
+            raise ValueError(f"block index {k} is negative")
+        _check_sizes("training images", len(data.train_images), (k + 1) * block)
+    _check_sizes("test images", len(data.test_images), n_test)
+    tr, va = slice(train_block * block, (train_block + 1) * block), slice(valid_block * block, (valid_block + 1) * block)
+    return Splits(data.train_images[tr], data.train_labels[tr], data.train_images[va], data.train_labels[va],
+                  data.test_images[:n_test], data.test_labels[:n_test])
+
+
+def split_sensitivity(data, lam=-7.0, blocks=VALID_BLOCKS, train_block=0, block=BLOCK, n_test=BLOCK):
+    """Fixed-lambda reference per validation block: list of dicts block, valid, test, gap (= valid - test).
+
+    The training block (and so w*(lambda) and the test loss) is the same for every entry; only which 10,000
+    training images are scored as validation changes."""
+    splits = block_splits(data, blocks[0], train_block, block, n_test)
+    ridge = ridge_problem(splits.train_x, splits.train_y)
+    w = best_response(ridge, lam)
+    test = linear_loss(w, splits.test_x, splits.test_y)
+    rows = []
+    for k in blocks:
+        s = block_splits(data, k, train_block, block, n_test)
+        valid = linear_loss(w, s.valid_x, s.valid_y)
+        rows.append({"block": int(k), "valid": valid, "test": test, "gap": valid - test})
+    return rows

@@ -1,0 +1,296 @@
+"""references.py: closed form, exact hypergradient, hypernetwork direction, exact descent, split blocks.
+
+Every hand-written formula is checked against autograd (float64, 1e-9) or finite differences, on tiny ridge
+problems where everything is exact; the ridge tests fail if a sign, an exp or the data split were wrong."""
+import sys
+
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad, jacobian
+
+from conftest import CODE
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(CODE))
+
+import references as R  # noqa: E402
+from data_loader import Splits, synthetic_mnist  # noqa: E402
+from neural_network import flatten_params, init_mlp, num_params  # noqa: E402
+from per_weight_decay import (  # noqa: E402
+    Alg3Settings,
+    HyperProblem,
+    alg3_step,
+    decay_objective,
+    init_alg3,
+    large_splits,
+    mse_loss,
+    run_budgeted,
+    Budget,
+)
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """One BLAS thread, as the experiment driver uses (the machine is shared; threads only contend)."""
+    with threadpool_limits(limits=1):
+        yield
+
+
+D, C = 5, 3            # tiny ridge problem: 5 features, 3 outputs, P = 18 weights and biases
+P = num_params([D, C])
+TOL = 1e-9
+
+
+def tiny_splits(seed=0, n=40):
+    """Train / valid / test of a tiny linear-regression problem with D features and C targets."""
+    rs = np.random.RandomState(seed)
+    W = rs.randn(D, C)
+    draw = lambda: (lambda x: (x, x @ W + 0.5 * rs.randn(n, C)))(rs.rand(n, D))
+    return Splits(*draw(), *draw(), *draw())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    splits = tiny_splits()
+    lam = np.random.RandomState(1).uniform(-3.0, 0.5, P)  # away from 0, so a dropped exp shows
+    return splits, R.ridge_problem(splits.train_x, splits.train_y), lam
+
+
+def autograd_best_response(lam, x, y):
+    """w*(lambda) by a dense autograd-differentiable solve of the normal equations (independent of references)."""
+    xa = anp.concatenate([x, anp.ones((len(x), 1))], axis=1)
+    n = len(x) * y.shape[1]
+    columns = []
+    for c in range(y.shape[1]):
+        lam_c = anp.concatenate([lam[c:D * C:C], lam[D * C + c:D * C + c + 1]])  # class c's decays, flat order
+        columns.append(anp.linalg.solve(anp.dot(xa.T, xa) / n + anp.diag(anp.exp(lam_c)), anp.dot(xa.T, y[:, c]) / n))
+    per_class = anp.stack(columns)  # (C, D+1)
+    return anp.concatenate([anp.ravel(anp.transpose(per_class[:, :D])), per_class[:, D]])
+
+
+def autograd_valid_loss(lam, splits):
+    return mse_loss([D, C])(autograd_best_response(lam, splits.train_x, splits.train_y)[None, :],
+                            splits.valid_x, splits.valid_y)[0]
+
+
+# ----------------------------------------------------------------------------------------- layout
+
+def test_layout_matches_flatten_params():
+    params = init_mlp([D, C], 1.0, np.random.RandomState(0))
+    flat = flatten_params(params)
+    per_class = R.flat_to_classes(flat, D, C)
+    W, b = params[0]
+    for c in range(C):
+        np.testing.assert_array_equal(per_class[c, :D], W[:, c])
+        assert per_class[c, D] == b[c]
+    np.testing.assert_array_equal(R.classes_to_flat(per_class), flat)
+
+
+# ------------------------------------------------------------------------------------- closed form
+
+def test_losses_match_per_weight_decay(tiny):
+    splits, _, lam = tiny
+    w = np.random.RandomState(2).randn(P)
+    assert R.linear_loss(w, splits.valid_x, splits.valid_y) == pytest.approx(
+        mse_loss([D, C])(w[None, :], splits.valid_x, splits.valid_y)[0], rel=TOL)
+    assert R.training_objective(w, lam, splits.train_x, splits.train_y) == pytest.approx(
+        decay_objective([D, C])(w[None, :], lam[None, :], splits.train_x, splits.train_y)[0], rel=TOL)
+    g_auto = grad(lambda v: mse_loss([D, C])(v[None, :], splits.valid_x, splits.valid_y)[0])(w)
+    np.testing.assert_allclose(R.linear_loss_grad(w, splits.valid_x, splits.valid_y), g_auto, rtol=TOL, atol=1e-12)
+
+
+def test_best_response_zeroes_the_training_gradient(tiny):
+    splits, ridge, lam = tiny
+    w = R.best_response(ridge, lam)
+    objective = lambda v: decay_objective([D, C])(v[None, :], lam[None, :], splits.train_x, splits.train_y)[0]
+    g = grad(objective)(w)
+    assert np.max(np.abs(g)) < 1e-12
+    # finite differences: a minimum, and the central difference of the objective vanishes in every direction
+    f0, rs = objective(w), np.random.RandomState(3)
+    for _ in range(5):
+        d = rs.randn(P)
+        assert objective(w + 1e-3 * d) > f0 and objective(w - 1e-3 * d) > f0
+        assert abs(objective(w + 1e-5 * d) - objective(w - 1e-5 * d)) / 2e-5 < 1e-9
+    np.testing.assert_allclose(w, autograd_best_response(lam, splits.train_x, splits.train_y), rtol=1e-10)
+
+
+def test_best_response_is_where_long_adam_training_ends(tiny):
+    splits, ridge, lam = tiny
+    objective = lambda v: decay_objective([D, C])(v[None, :], lam[None, :], splits.train_x, splits.train_y)[0]
+    w = np.zeros(P)
+    # the training gradient, hand-written (linear_loss_grad is checked against autograd above): autograd's
+    # overhead would dominate thousands of tiny steps
+    g = lambda v: R.linear_loss_grad(v, splits.train_x, splits.train_y) + 2.0 * np.exp(lam) * v
+    from optimizers import adam_init, adam_inplace
+    state, scratch = adam_init(w), np.empty(P)
+    for step_size in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5):  # full-batch Adam with a falling step size
+        for _ in range(2000):
+            state = adam_inplace(w, g(w), state, step_size, scratch)
+    np.testing.assert_allclose(w, R.best_response(ridge, lam), atol=1e-5)
+
+
+def test_fixed_lambda_reference_is_the_closed_form_level(tiny):
+    splits, ridge, lam = tiny
+    ref = R.fixed_lambda_reference(lam, splits)
+    w = R.best_response(ridge, lam)
+    assert ref["valid"] == pytest.approx(R.linear_loss(w, splits.valid_x, splits.valid_y), rel=1e-12)
+    assert ref["test"] == pytest.approx(R.linear_loss(w, splits.test_x, splits.test_y), rel=1e-12)
+    scalar = R.fixed_lambda_reference(-2.0, splits)
+    assert scalar["valid"] == pytest.approx(R.fixed_lambda_reference(np.full(P, -2.0), splits)["valid"], rel=1e-12)
+
+
+def test_train_to_convergence_reaches_the_closed_form_on_a_linear_model():
+    splits = tiny_splits(seed=4, n=400)
+    ref = R.fixed_lambda_reference(-3.0, splits)
+    trained = R.train_to_convergence([D, C], -3.0, splits, step_size=1e-2, eval_every=50, patience=5)
+    assert trained["converged"] and trained["steps"] < R.CONVERGE_MAX_STEPS
+    assert trained["valid"] == pytest.approx(ref["valid"], rel=0.02)
+    assert trained["test"] == pytest.approx(ref["test"], rel=0.02)
+
+
+# -------------------------------------------------------------------------------- exact hypergradient
+
+def test_exact_hypergradient_matches_autograd_through_a_solve(tiny):
+    splits, ridge, lam = tiny
+    g, w, value = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    np.testing.assert_allclose(g, grad(autograd_valid_loss)(lam, splits), rtol=TOL, atol=1e-14)
+    assert value == pytest.approx(autograd_valid_loss(lam, splits), rel=1e-12)
+
+
+def test_exact_hypergradient_matches_finite_differences(tiny):
+    splits, ridge, lam = tiny
+    g, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    loss = lambda l: R.linear_loss(R.best_response(ridge, l), splits.valid_x, splits.valid_y)
+    h = 1e-5
+    fd = np.array([(loss(lam + h * e) - loss(lam - h * e)) / (2 * h) for e in np.eye(P)])
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-11)
+
+
+def test_exact_hypergradient_uses_validation_data_only(tiny):
+    splits, ridge, lam = tiny
+    g, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    g_train, _, _ = R.exact_hypergradient(ridge, lam, splits.train_x, splits.train_y)
+    assert R.cosine(g, g_train) < 0.99   # a different data set gives a different direction
+
+
+# ---------------------------------------------------------------------- hypernetwork on a tiny ridge problem
+
+def exact_linear_hypernet(splits, lam0):
+    """A linear hypernetwork [P, P] equal to the first-order expansion of w*(lambda) at lam0 (input lambda - lam0):
+    output bias w*(lam0), weight W = (dw*/dlambda)' (autograd of the dense solve), the trained optimum."""
+    J = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam0)  # (P, P) dw/dlambda
+    return [(J.T.copy(), autograd_best_response(lam0, splits.train_x, splits.train_y))]
+
+
+def tiny_problem(splits):
+    return HyperProblem(decay_objective([D, C]), mse_loss([D, C]), splits.train_x, splits.train_y,
+                        splits.valid_x, splits.valid_y, P, P)
+
+
+def test_hypernet_hypergradient_is_jacobian_transpose_times_valid_gradient(tiny):
+    splits, _, lam = tiny
+    settings = Alg3Settings(hypernet_kind="factorised", hidden=4, input_offset=-1.0)
+    phi = init_alg3(tiny_problem(splits), settings, seed=0).phi
+    rs = np.random.RandomState(5)
+    phi = [(W + rs.randn(*W.shape), b + rs.randn(*b.shape)) for W, b in phi]  # not near 0
+    J = (phi[0][0] @ phi[1][0]).T  # dw/dlambda of w = (lambda - offset) W1 W2 + b1 W2 + b2
+    w = ((lam - settings.input_offset) @ phi[0][0] + phi[0][1]) @ phi[1][0] + phi[1][1]
+    g_w = R.linear_loss_grad(w, splits.valid_x, splits.valid_y)
+    got = R.hypernet_hypergradient(phi, lam, settings, tiny_problem(splits), splits.valid_x, splits.valid_y)
+    np.testing.assert_allclose(got, J.T @ g_w, rtol=TOL, atol=1e-13)
+    # ... and equals autograd's total derivative of L_V(w_phi(lambda)), the gradient alg3_step's lambda step uses
+    from neural_network import hypernet_weights, identity
+    total = grad(lambda l: mse_loss([D, C])(hypernet_weights(phi, l[None, :] + 1.0, identity),
+                                            splits.valid_x, splits.valid_y)[0])(lam)
+    np.testing.assert_allclose(got, total, rtol=TOL, atol=1e-13)
+
+
+def test_exact_hypernet_gives_the_implicit_hypergradient(tiny):
+    splits, ridge, lam = tiny
+    settings = Alg3Settings(hypernet_kind="linear", input_offset=0.0)
+    phi = exact_linear_hypernet(splits, lam)
+    shifted = lambda l: R.hypernet_hypergradient(phi, l, settings, tiny_problem(splits), splits.valid_x,
+                                                 splits.valid_y, offset=lam)
+    exact, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    np.testing.assert_allclose(shifted(lam), exact, rtol=1e-8, atol=1e-14)
+    assert R.cosine(shifted(lam), exact) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_one_lambda_step_of_algorithm_3_goes_downhill_on_the_exact_validation_loss(tiny):
+    splits, ridge, lam = tiny
+    problem = tiny_problem(splits)
+    settings = Alg3Settings(hypernet_kind="linear", inner_steps=0, lambda_step=1e-2, input_offset=0.0,
+                            valid_batch_size=4000)  # with-replacement batch of 4,000 from 40: ~ the full set
+    state = init_alg3(problem, settings, seed=0)
+    phi = exact_linear_hypernet(splits, lam)
+    # the hypernetwork's input is lambda (offset 0): the bias must absorb -lam0 W so that w_phi(lam) = w*(lam)
+    phi = [(phi[0][0], phi[0][1] - lam @ phi[0][0])]
+    state = state._replace(phi=phi, lam=lam.copy())
+    before = R.fixed_lambda_reference(lam, splits, ridge)["valid"]
+    after_state = alg3_step(state, 0, problem, settings, seed=0)
+    exact, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    step = after_state.lam - lam
+    assert np.mean(np.sign(step) == -np.sign(exact)) > 0.9   # Adam's first step: -lr sign(g)
+    after = R.fixed_lambda_reference(after_state.lam, splits, ridge)["valid"]
+    assert before - after > 0.5 * (-exact @ step) > 0   # downhill, by about the first-order prediction
+
+
+def test_exact_descent_step_is_adam_on_the_validation_hypergradient(tiny):
+    splits, ridge, lam = tiny
+    state, step_fn, evaluate = R.exact_hypergradient_descent(splits, lam, step_size=1e-2)
+    new = step_fn(state, 0)
+    g_auto = grad(autograd_valid_loss)(lam, splits)
+    np.testing.assert_allclose(new.lam - lam, -1e-2 * g_auto / (np.abs(g_auto) + 1e-8), rtol=1e-6, atol=1e-12)
+    assert evaluate(new)[0] < evaluate(state)[0]
+    # test data never enters the lambda update
+    perturbed = splits._replace(test_x=splits.test_x + 1.0, test_y=-splits.test_y)
+    state2, step2, _ = R.exact_hypergradient_descent(perturbed, lam, step_size=1e-2)
+    np.testing.assert_array_equal(step2(state2, 0).lam, new.lam)
+
+
+def test_exact_descent_runs_under_a_budget_and_lowers_the_validation_loss():
+    splits = tiny_splits(seed=6, n=100)
+    state, step_fn, evaluate = R.exact_hypergradient_descent(splits, -3.0)
+    _, curve = run_budgeted(state, step_fn, evaluate, Budget(iters=5, eval_every=1, log_every=100), log=None)
+    assert len(curve.valid) == 6 and curve.valid[-1] < curve.valid[0]
+
+
+def test_cosine():
+    assert R.cosine([1.0, 0.0], [2.0, 0.0]) == pytest.approx(1.0)
+    assert R.cosine([1.0, 0.0], [0.0, 3.0]) == pytest.approx(0.0)
+    assert R.cosine([1.0, 1.0], [-1.0, -1.0]) == pytest.approx(-1.0)
+    assert R.cosine([0.0, 0.0], [1.0, 1.0]) == 0.0
+
+
+# ------------------------------------------------------------------------------------ split blocks
+
+def test_block_splits():
+    data = synthetic_mnist(n_train=6000, n_test=500)
+    s = R.block_splits(data, 1, block=1000, n_test=500)
+    ref = large_splits(data, 1000, 1000, 500)
+    for a, b in zip(s, ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    s3 = R.block_splits(data, 3, block=1000, n_test=500)
+    np.testing.assert_array_equal(s3.valid_x, data.train_images[3000:4000])
+    np.testing.assert_array_equal(s3.train_x, data.train_images[:1000])
+    with pytest.raises(ValueError):
+        R.block_splits(data, 0, block=1000, n_test=500)
+    from data_loader import MNISTError
+    with pytest.raises(MNISTError):
+        R.block_splits(data, 6, block=1000, n_test=500)
+
+
+def test_split_sensitivity_gap_is_valid_minus_test():
+    data = synthetic_mnist(n_train=6000, n_test=500)
+    rows = R.split_sensitivity(data, -4.0, blocks=(1, 2, 5), block=1000, n_test=500)
+    assert [r["block"] for r in rows] == [1, 2, 5]
+    for r in rows:
+        ref = R.fixed_lambda_reference(-4.0, R.block_splits(data, r["block"], block=1000, n_test=500))
+        assert r["valid"] == pytest.approx(ref["valid"], rel=1e-12)
+        assert r["gap"] == pytest.approx(r["valid"] - r["test"], abs=1e-15)
+
+
+def test_mnist_reference_level(mnist):
+    """The fixed-lambda level at lambda = -7 on the large splits (the curve hyper-training plateaus at)."""
+    ref = R.fixed_lambda_reference(-7.0, large_splits(mnist))
+    assert 0.038 < ref["valid"] < 0.044 and 0.038 < ref["test"] < 0.044
