@@ -43,7 +43,7 @@ from neural_network import (
     per_weight_l2,
     unflatten_batch,
 )
-from optimizers import AdamState, adam_init, adam_inplace
+from optimizers import ADAM_BLOCK, AdamState, adam_init, adam_inplace, adam_textbook
 
 N_TRAIN, N_VALID, N_TEST = 10000, 10000, 10000  # SPEC section 7 (paper macros)
 
@@ -52,6 +52,21 @@ STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH = 1, 2, 3
 
 
 # ------------------------------------------------------------------------------------------- data
+
+class StepStreams:
+    """step_rng(seed, step, *keys) without building a RandomState per call: one persistent RandomState,
+    reseeded with the same entropy (rs.seed(e) reproduces RandomState(e) bit for bit, ~3 us instead of
+    ~100 us). The returned generator is shared: draw from it before the next call."""
+
+    def __init__(self, seed):
+        self.seed = int(seed)
+        self.rs = np.random.RandomState(0)
+
+    def __call__(self, step, *keys):
+        entropy = np.random.SeedSequence([self.seed, int(step), *map(int, keys)]).generate_state(1)[0]
+        self.rs.seed(entropy)
+        return self.rs
+
 
 def large_splits(data, n_train=N_TRAIN, n_valid=N_VALID, n_test=N_TEST):
     """Train = training images [0, n_train), valid = [n_train, n_train + n_valid), test = first n_test test images."""
@@ -70,6 +85,7 @@ def mse_loss(layer_sizes):
     """Validation/test loss of flat weights: f(flat (K, P), x (N, D), y (N, C)) -> (K,) plain MSE."""
     def loss(flat, x, y):
         return mse(batched_mlp_predict(unflatten_batch(flat, layer_sizes), x), y)
+    loss.hand_gradient = ("mse", tuple(layer_sizes))  # lets alg3_step take the hand-written gradient
     return loss
 
 
@@ -80,6 +96,7 @@ def decay_objective(layer_sizes):
 
     def objective(flat, lambdas, x, y):
         return loss(flat, x, y) + per_weight_l2(flat, lambdas)
+    objective.hand_gradient = ("decay", tuple(layer_sizes))  # (as above)
     return objective
 
 
@@ -145,13 +162,6 @@ def init_alg3(problem, settings, seed, w0=None):
     return Alg3State(phi, lam, phi_adam, adam_init(lam), 0)
 
 
-def _adam_tree(params, grads, states, step_size):
-    """In-place Adam on a list of (W, b) pairs, one AdamState per array: returns the new states."""
-    scratch = np.empty(max(W.size for W, _ in params) + max(b.size for _, b in params))
-    return [(adam_inplace(W, gW, sW, step_size, scratch), adam_inplace(b, gb, sb, step_size, scratch))
-            for (W, b), (gW, gb), (sW, sb) in zip(params, grads, states, strict=True)]
-
-
 def _hypernet_grad(problem, activation, offset=0.0):
     """d/dphi of the mean training objective over the K sampled lambdas (K, H): f(phi, lambdas, x, y).
 
@@ -188,7 +198,7 @@ def _lambda_grad(problem, activation, offset=0.0):
     return grad(objective)
 
 
-def alg3_step(state, step, problem, settings, seed):
+def alg3_step(state, step, problem, settings, seed, reference=False):
     """One hyperparameter step of Algorithm 3 (joint) or 4 (simplified); returns the new Alg3State.
 
     The state's arrays are updated IN PLACE (speed: the hypernetwork can have 1.9M parameters); keep a
@@ -197,7 +207,19 @@ def alg3_step(state, step, problem, settings, seed):
     (1) inner_steps Adam steps of phi on mean_k f_train(w_phi(lambda_k), lambda_k) over a training minibatch,
         lambda_k ~ N(lambda_hat, sample_sd^2) (joint, n_samples draws) or lambda_k = lambda_hat (simplified);
     (2) one Adam step of lambda_hat on f_valid(w_phi(lambda_hat)) over a validation minibatch.
-    Random numbers come from step_rng(seed, inner step index, stream), so runs are reproducible."""
+    Random numbers come from step_rng(seed, inner step index, stream), so runs are reproducible.
+
+    Problems built from decay_objective / mse_loss with a linear or factorised hypernetwork take the
+    hand-written gradients of Alg3Stepper (preallocated buffers); reference=True (and every other problem)
+    takes the autograd path, which Alg3Stepper equals to rounding (tests/test_per_weight_decay.py)."""
+    if not reference and Alg3Stepper.supports(problem, settings):
+        return _stepper(problem, settings, seed).step(state, step)
+    return alg3_step_reference(state, step, problem, settings, seed)
+
+
+def alg3_step_reference(state, step, problem, settings, seed):
+    """alg3_step through autograd (the elementary objective and the lambda_hat gradient), a new RandomState
+    per draw (common.step_rng) and textbook Adam with fresh arrays: the reference of Alg3Stepper."""
     activation = hypernet_activation(settings.hypernet_kind)
     offset = settings.input_offset
     phi_grad, lam_grad = _hypernet_grad(problem, activation, offset), _lambda_grad(problem, activation, offset)
@@ -213,13 +235,224 @@ def alg3_step(state, step, problem, settings, seed):
                          step_rng(seed, inner, STREAM_TRAIN_BATCH))
         g = phi_grad(phi, lambdas, x, y)
         check_finite(g[-1][1], inner, "hypernetwork gradient")
-        phi_adam = _adam_tree(phi, g, phi_adam, settings.hypernet_step)
+        phi_adam = [(_adam_textbook_into(W, gW, sW, settings.hypernet_step),
+                     _adam_textbook_into(b, gb, sb, settings.hypernet_step))
+                    for (W, b), (gW, gb), (sW, sb) in zip(phi, g, phi_adam, strict=True)]
     x, y = minibatch(problem.valid_x, problem.valid_y, settings.valid_batch_size,
                      step_rng(seed, step, STREAM_VALID_BATCH))
     g_lam = lam_grad(state.lam, phi, x, y)
     check_finite(g_lam, step, "hyperparameter gradient")
-    lam_adam = adam_inplace(state.lam, g_lam, state.lam_adam, settings.lambda_step, np.empty(state.lam.size))
+    lam_adam = _adam_textbook_into(state.lam, g_lam, state.lam_adam, settings.lambda_step)
     return Alg3State(phi, state.lam, phi_adam, lam_adam, state.step + 1)
+
+
+def _adam_textbook_into(x, g, state, step_size):
+    """optimizers.adam_textbook, its results written back into x, state.m and state.v; the new AdamState."""
+    x_new, new = adam_textbook(x, g, state, step_size)
+    x[...], state.m[...], state.v[...] = x_new, new.m, new.v
+    return AdamState(state.m, state.v, new.step)
+
+
+# ---------------------------------------------------------------- hand-written Algorithm 3/4 step
+
+def layer_slices(layer_sizes):
+    """Where each layer lives in a flat weight vector: [(W slice, b slice, fan_in, fan_out), ...]."""
+    out, start = [], 0
+    for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False):
+        out.append((slice(start, start + m * n), slice(start + m * n, start + m * n + n), m, n))
+        start += m * n + n
+    return out
+
+
+class MLPBackprop:
+    """Hand-written gradient of the MSE of K elementary MLPs (ReLU hidden layers, linear output) on one
+    batch, with buffers preallocated for K weight sets and B rows.
+
+    Forward, per weight set k (flat w_k, layers l = 1..L):  z_l = a_{l-1} W_l + b_l,  a_0 = x,
+    a_l = relu(z_l) for l < L, output z_L (B, C). With L_k = mean over (B, C) of (z_L - y)^2 and an outer
+    factor s (e.g. 1/K for a mean over the K sets), the chain rule gives
+        delta_L = dF/dz_L = s * 2 (z_L - y) / (B C)
+        dF/dW_l = a_{l-1}^T delta_l,  dF/db_l = sum over rows of delta_l
+        delta_{l-1} = (delta_l W_l^T) * [a_{l-1} > 0]         (relu'(z) = [z > 0] = [relu(z) > 0])."""
+
+    def __init__(self, layer_sizes, n_sets, batch_size):
+        self.layers = layer_slices(layer_sizes)
+        self.n_sets, self.batch_size = n_sets, batch_size
+        self.acts = [np.empty((batch_size, n)) for *_, n in self.layers]     # a_l (z_L for the last)
+        self.deltas = [np.empty((batch_size, n)) for *_, n in self.layers]   # delta_l
+        self.masks = [np.empty((batch_size, n), dtype=bool) for *_, n in self.layers[:-1]]
+
+    def grad_into(self, w, x, y, scale, out):
+        """out[k] = scale * d MSE(net_{w_k}(x), y) / d w_k for every k: w, out (K, P); x (B, D); y (B, C)."""
+        last = len(self.layers) - 1
+        factor = scale * 2.0 / (y.shape[0] * y.shape[1])  # d/dz of mean((z - y)^2) is 2 (z - y) / (B C)
+        for k in range(w.shape[0]):
+            a = x
+            for l, (sW, sb, m, n) in enumerate(self.layers):   # forward
+                z = self.acts[l]
+                np.dot(a, w[k, sW].reshape(m, n), out=z)
+                z += w[k, sb]
+                if l < last:
+                    np.maximum(z, 0.0, out=z)                  # a_l = relu(z_l), in place
+                a = z
+            delta = self.deltas[last]                          # delta_L = factor (z_L - y)
+            np.subtract(a, y, out=delta)
+            delta *= factor
+            for l in range(last, -1, -1):                      # backward
+                sW, sb, m, n = self.layers[l]
+                a_prev = x if l == 0 else self.acts[l - 1]
+                np.dot(a_prev.T, delta, out=out[k, sW].reshape(m, n))   # dF/dW_l = a_{l-1}^T delta_l
+                np.sum(delta, axis=0, out=out[k, sb])                   # dF/db_l
+                if l > 0:                                      # delta_{l-1} = (delta_l W_l^T) [a_{l-1} > 0]
+                    previous = self.deltas[l - 1]
+                    np.dot(delta, w[k, sW].reshape(m, n).T, out=previous)
+                    np.greater(a_prev, 0.0, out=self.masks[l - 1])
+                    np.multiply(previous, self.masks[l - 1], out=previous)
+                    delta = previous
+        return out
+
+
+class LinearHypernet:
+    """Hand-written forward and backward of a hypernetwork without nonlinearity ('linear' [H, P] or
+    'factorised' [H, r, P]), K inputs at a time, into preallocated buffers.
+
+    Forward: h_0 = lambda - offset (K, H), h_{i+1} = h_i A_i + c_i, w = h_last (K, P). With D = dF/dw:
+        dF/dA_i = h_i^T D_i,  dF/dc_i = sum over the K rows of D_i,  D_{i-1} = D_i A_i^T  (D_last = dF/dw),
+    and the derivative with respect to the input lambda is D_0 = D_1 A_0^T (the offset is a constant)."""
+
+    def __init__(self, phi, n_sets):
+        widths = [phi[0][0].shape[0]] + [W.shape[1] for W, _ in phi]
+        self.h = [np.empty((n_sets, width)) for width in widths]        # h_0 .. h_last (= w)
+        self.back = [np.empty((n_sets, width)) for width in widths[:-1]]  # D_0 .. D_{last-1}
+
+    def forward(self, phi, lambdas, offset):
+        """w = hypernet(lambdas - offset): (K, P), a buffer reused by the next call."""
+        np.subtract(lambdas, offset, out=self.h[0])
+        for i, (W, b) in enumerate(phi):
+            np.dot(self.h[i], W, out=self.h[i + 1])
+            self.h[i + 1] += b
+        return self.h[-1]
+
+    def backward(self, phi, d_w, grads):
+        """grads[i] = (dF/dA_i, dF/dc_i) written in place, from D = dF/dw (K, P) and the last forward."""
+        delta = d_w
+        for i in range(len(phi) - 1, -1, -1):
+            gW, gb = grads[i]
+            np.dot(self.h[i].T, delta, out=gW)
+            np.sum(delta, axis=0, out=gb)
+            if i > 0:
+                np.dot(delta, phi[i][0].T, out=self.back[i])
+                delta = self.back[i]
+        return grads
+
+    def input_grad(self, phi, d_w):
+        """dF/dlambda (K, H) from D = dF/dw (K, P): D_0 = D A_last^T ... A_0^T (a buffer)."""
+        delta = d_w
+        for i in range(len(phi) - 1, -1, -1):
+            np.dot(delta, phi[i][0].T, out=self.back[i])
+            delta = self.back[i]
+        return delta
+
+
+class Alg3Stepper:
+    """alg3_step with hand-written gradients and preallocated buffers, for decay_objective / mse_loss
+    problems and linear or factorised hypernetworks (alg3_step picks it; alg3_step_reference is its
+    autograd reference). Same random numbers as the reference (StepStreams reseeds one RandomState).
+
+    Hypernetwork step, K = n_samples (joint) or 1 (simplified), lambdas (K, P), w = w_phi(lambdas):
+        F = (1/K) sum_k [ MSE(net_{w_k}(x), y) + sum_j exp(lambda_kj) w_kj^2 ]
+        dF/dw_k = (1/K) dMSE_k/dw_k  +  (2/K) exp(lambda_k) * w_k          (MLPBackprop, then the decay)
+        dF/dphi from dF/dw by LinearHypernet.backward.
+    lambda_hat step: L = MSE(net_{w(lambda_hat)}(x_v), y_v), the decay does not enter the validation loss;
+        dL/dlambda_hat = LinearHypernet.input_grad(dL/dw)  (w depends on lambda_hat only through phi)."""
+
+    @staticmethod
+    def supports(problem, settings):
+        train = getattr(problem.train_objective, "hand_gradient", None)
+        valid = getattr(problem.valid_loss, "hand_gradient", None)
+        return (settings.hypernet_kind in ("linear", "factorised") and train is not None and valid is not None
+                and train[0] == "decay" and valid == ("mse", train[1])
+                and problem.n_hypers == problem.n_weights == num_params(train[1]))
+
+    def __init__(self, problem, settings, seed):
+        check_algorithm(settings.algorithm)
+        self.problem, self.settings = problem, settings
+        sizes = problem.train_objective.hand_gradient[1]
+        K = settings.n_samples if settings.algorithm == "joint" else 1
+        P, self.K = problem.n_weights, K
+        D, C = problem.train_x.shape[1], problem.train_y.shape[1]
+        self.streams = StepStreams(seed)
+        self.train_net = MLPBackprop(sizes, K, settings.batch_size)
+        self.valid_net = MLPBackprop(sizes, 1, settings.valid_batch_size)
+        self.x, self.y = np.empty((settings.batch_size, D)), np.empty((settings.batch_size, C))
+        self.vx, self.vy = np.empty((settings.valid_batch_size, D)), np.empty((settings.valid_batch_size, C))
+        self.lambdas, self.decay, self.decay_grad = np.empty((K, P)), np.empty((K, P)), np.empty((K, P))
+        self.d_w, self.d_w_valid = np.empty((K, P)), np.empty((1, P))
+        self.hyper = self.hyper_valid = self.grads = self.scratch = None
+
+    def _buffers(self, phi):
+        """Hypernetwork buffers, sized from phi on the first call."""
+        if self.grads is None:
+            self.hyper, self.hyper_valid = LinearHypernet(phi, self.K), LinearHypernet(phi, 1)
+            self.grads = [(np.empty_like(W), np.empty_like(b)) for W, b in phi]
+            self.scratch = np.empty(min(ADAM_BLOCK, max(max(W.size for W, _ in phi), self.lambdas.shape[1])))
+
+    def _batch(self, x, y, rs, out_x, out_y):
+        """minibatch() into buffers: rows drawn uniformly with replacement (same draws as minibatch)."""
+        idx = rs.randint(0, len(x), size=len(out_x))
+        np.take(x, idx, axis=0, out=out_x, mode="clip")  # idx is in range; "clip" avoids a buffered copy
+        np.take(y, idx, axis=0, out=out_y, mode="clip")
+
+    def step(self, state, step):
+        s, p, K = self.settings, self.problem, self.K
+        phi, lam = state.phi, state.lam
+        self._buffers(phi)
+        joint = s.algorithm == "joint"
+        if not joint:                           # lambdas = lambda_hat throughout the step
+            self.lambdas[0] = lam
+            np.exp(self.lambdas, out=self.decay)
+            self.decay *= 2.0 / K               # decay = (2/K) exp(lambda): d/dw of (1/K) exp(lambda) w^2 is decay w
+        phi_adam = state.phi_adam
+        for j in range(s.inner_steps):
+            inner = step * s.inner_steps + j
+            if joint:                           # lambda_k = lambda_hat + sd * N(0, 1)
+                noise = self.streams(inner, STREAM_SAMPLES).randn(K, p.n_hypers)
+                np.multiply(noise, s.sample_sd, out=self.lambdas)
+                self.lambdas += lam
+                np.exp(self.lambdas, out=self.decay)
+                self.decay *= 2.0 / K
+            self._batch(p.train_x, p.train_y, self.streams(inner, STREAM_TRAIN_BATCH), self.x, self.y)
+            w = self.hyper.forward(phi, self.lambdas, s.input_offset)
+            self.train_net.grad_into(w, self.x, self.y, 1.0 / K, self.d_w)   # (1/K) dMSE_k/dw_k
+            np.multiply(self.decay, w, out=self.decay_grad)                  # (2/K) exp(lambda_k) w_k
+            self.d_w += self.decay_grad
+            grads = self.hyper.backward(phi, self.d_w, self.grads)
+            check_finite(np.sum(grads[-1][1]), inner, "hypernetwork gradient")
+            phi_adam = [(adam_inplace(W, gW, sW, s.hypernet_step, self.scratch),
+                         adam_inplace(b, gb, sb, s.hypernet_step, self.scratch))
+                        for (W, b), (gW, gb), (sW, sb) in zip(phi, grads, phi_adam, strict=True)]
+        self._batch(p.valid_x, p.valid_y, self.streams(step, STREAM_VALID_BATCH), self.vx, self.vy)
+        w = self.hyper_valid.forward(phi, lam[None, :], s.input_offset)
+        self.valid_net.grad_into(w, self.vx, self.vy, 1.0, self.d_w_valid)
+        g_lam = self.hyper_valid.input_grad(phi, self.d_w_valid)[0]
+        check_finite(np.sum(g_lam), step, "hyperparameter gradient")
+        lam_adam = adam_inplace(lam, g_lam, state.lam_adam, s.lambda_step, self.scratch)
+        return Alg3State(phi, lam, phi_adam, lam_adam, state.step + 1)
+
+
+_STEPPERS = {}
+MAX_STEPPERS = 8  # cached Alg3Steppers (one per problem / settings / seed in use)
+
+
+def _stepper(problem, settings, seed):
+    """The cached Alg3Stepper of (problem, settings, seed)."""
+    key = (id(problem), settings, int(seed))
+    cached = _STEPPERS.get(key)
+    if cached is None or cached.problem is not problem:
+        if len(_STEPPERS) >= MAX_STEPPERS:
+            _STEPPERS.pop(next(iter(_STEPPERS)))
+        cached = _STEPPERS[key] = Alg3Stepper(problem, settings, seed)
+    return cached
 
 
 def copy_state(state):

@@ -8,6 +8,7 @@ from autograd import grad
 import per_weight_decay as pwd
 from data_loader import synthetic_mnist
 from neural_network import hypernet_weights, identity, num_params
+from common import step_rng
 from optimizers import adam_init, adam_inplace, adam_update
 
 
@@ -134,3 +135,85 @@ def test_interleaved_runs_alternate_by_method_time():
     assert 0 < first_b < len(order) - 1 and "a" in order[first_b:]   # a ran again after b started
 
 
+
+
+# ------------------------------------------------------- hand-written step against the autograd reference
+
+def problem_of(splits, sizes):
+    """A decay_objective / mse_loss problem on the first sizes[0] pixels (small P keeps a linear
+    hypernetwork [P, P] affordable)."""
+    D, P = sizes[0], num_params(sizes)
+    return pwd.HyperProblem(pwd.decay_objective(sizes), pwd.mse_loss(sizes), splits.train_x[:, :D].copy(),
+                            splits.train_y, splits.valid_x[:, :D].copy(), splits.valid_y, P, P)
+
+
+def assert_states_close(a, b, rtol=1e-9):
+    pairs = [(a.lam, b.lam), (a.lam_adam.m, b.lam_adam.m), (a.lam_adam.v, b.lam_adam.v)]
+    for (W, c), (W2, c2) in zip(a.phi, b.phi, strict=True):
+        pairs += [(W, W2), (c, c2)]
+    for (sW, sc), (sW2, sc2) in zip(a.phi_adam, b.phi_adam, strict=True):
+        pairs += [(sW.m, sW2.m), (sW.v, sW2.v), (sc.m, sc2.m), (sc.v, sc2.v)]
+        assert sW.step == sW2.step
+    for x, y in pairs:
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.max(np.abs(y)))
+    assert a.step == b.step and a.lam_adam.step == b.lam_adam.step
+
+
+@pytest.mark.parametrize("sizes", [(20, 10), (20, 8, 10), (20, 8, 6, 10)])
+@pytest.mark.parametrize("kind", ["linear", "factorised"])
+@pytest.mark.parametrize("algorithm", ["joint", "simplified"])
+def test_hand_written_step_equals_autograd_reference(splits, sizes, kind, algorithm):
+    problem = problem_of(splits, sizes)
+    settings = pwd.Alg3Settings(hypernet_kind=kind, hidden=4, init_scale=0.05, algorithm=algorithm,
+                                sample_sd=0.3, inner_steps=3, hypernet_step=1e-2, lambda_step=0.05,
+                                batch_size=16, valid_batch_size=24, input_offset=-7.0 if kind == "linear" else 0.0)
+    assert pwd.Alg3Stepper.supports(problem, settings)
+    w0 = pwd.fan_in_init(sizes, np.random.RandomState(1))
+    fast, ref = pwd.init_alg3(problem, settings, 5, w0), pwd.init_alg3(problem, settings, 5, w0)
+    lam0 = fast.lam.copy()
+    for i in range(4):
+        fast = pwd.alg3_step(fast, i, problem, settings, 5)
+        ref = pwd.alg3_step(ref, i, problem, settings, 5, reference=True)
+        assert_states_close(fast, ref)
+    assert np.max(np.abs(fast.lam - lam0)) > 1e-3      # lambda_hat moved: its gradient was exercised
+
+
+def test_hand_written_step_at_full_size(splits):
+    """784-100-100-10 with the factorised hypernetwork (1.8M parameters), as compare_number_layers runs it."""
+    sizes = (784, 100, 100, 10)
+    problem = small_problem(splits, sizes)
+    settings = pwd.Alg3Settings(inner_steps=2, sample_sd=1e-2, lambda_step=1e-2, input_offset=-7.0)
+    w0 = pwd.fan_in_init(sizes, np.random.RandomState(2))
+    fast, ref = pwd.init_alg3(problem, settings, 1, w0), pwd.init_alg3(problem, settings, 1, w0)
+    for i in range(2):
+        fast = pwd.alg3_step(fast, i, problem, settings, 1)
+        ref = pwd.alg3_step(ref, i, problem, settings, 1, reference=True)
+    assert_states_close(fast, ref)
+
+
+def test_other_problems_take_the_reference_path(splits):
+    problem = small_problem(splits)
+    assert not pwd.Alg3Stepper.supports(problem, pwd.Alg3Settings(hypernet_kind="mlp"))
+    plain = problem._replace(train_objective=lambda w, lam, x, y: pwd.decay_objective((784, 10))(w, lam, x, y))
+    assert not pwd.Alg3Stepper.supports(plain, pwd.Alg3Settings())
+
+
+def test_mlp_backprop_equals_autograd(splits):
+    sizes = (784, 7, 5, 10)
+    rs = np.random.RandomState(3)
+    w = 0.3 * rs.randn(3, num_params(sizes))
+    x, y = splits.train_x[:9], splits.train_y[:9]
+    out = pwd.MLPBackprop(sizes, 3, 9).grad_into(w, x, y, 0.5, np.empty_like(w))
+    expected = grad(lambda w_: 0.5 * anp.sum(pwd.mse_loss(sizes)(w_, x, y)))(w)
+    np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_step_streams_reproduce_step_rng_bit_for_bit():
+    streams = pwd.StepStreams(7)
+    for step, keys in [(0, (1,)), (5, (2,)), (123456, (3,)), (3, ()), (2**31, (11, 4))]:
+        expected = step_rng(7, step, *keys)
+        got = streams(step, *keys)
+        a, b = expected.randn(3, 5), got.randn(3, 5)   # 15 normals: the cached second gaussian is reset too
+        assert a.tobytes() == b.tobytes()
+        assert expected.randint(0, 1000, size=50).tolist() == got.randint(0, 1000, size=50).tolist()
+        assert expected.random_sample(7).tobytes() == got.random_sample(7).tobytes()
