@@ -288,26 +288,26 @@ class MLPBackprop:
         factor = scale * 2.0 / (y.shape[0] * y.shape[1])  # d/dz of mean((z - y)^2) is 2 (z - y) / (B C)
         for k in range(w.shape[0]):
             a = x
-            for l, (sW, sb, m, n) in enumerate(self.layers):   # forward
-                z = self.acts[l]
+            for i, (sW, sb, m, n) in enumerate(self.layers):   # forward
+                z = self.acts[i]
                 np.dot(a, w[k, sW].reshape(m, n), out=z)
                 z += w[k, sb]
-                if l < last:
-                    np.maximum(z, 0.0, out=z)                  # a_l = relu(z_l), in place
+                if i < last:
+                    np.maximum(z, 0.0, out=z)                  # a_i = relu(z_i), in place
                 a = z
             delta = self.deltas[last]                          # delta_L = factor (z_L - y)
             np.subtract(a, y, out=delta)
             delta *= factor
-            for l in range(last, -1, -1):                      # backward
-                sW, sb, m, n = self.layers[l]
-                a_prev = x if l == 0 else self.acts[l - 1]
-                np.dot(a_prev.T, delta, out=out[k, sW].reshape(m, n))   # dF/dW_l = a_{l-1}^T delta_l
-                np.sum(delta, axis=0, out=out[k, sb])                   # dF/db_l
-                if l > 0:                                      # delta_{l-1} = (delta_l W_l^T) [a_{l-1} > 0]
-                    previous = self.deltas[l - 1]
+            for i in range(last, -1, -1):                      # backward
+                sW, sb, m, n = self.layers[i]
+                a_prev = x if i == 0 else self.acts[i - 1]
+                np.dot(a_prev.T, delta, out=out[k, sW].reshape(m, n))   # dF/dW_i = a_{i-1}^T delta_i
+                np.sum(delta, axis=0, out=out[k, sb])                   # dF/db_i
+                if i > 0:                                      # delta_{i-1} = (delta_i W_i^T) [a_{i-1} > 0]
+                    previous = self.deltas[i - 1]
                     np.dot(delta, w[k, sW].reshape(m, n).T, out=previous)
-                    np.greater(a_prev, 0.0, out=self.masks[l - 1])
-                    np.multiply(previous, self.masks[l - 1], out=previous)
+                    np.greater(a_prev, 0.0, out=self.masks[i - 1])
+                    np.multiply(previous, self.masks[i - 1], out=previous)
                     delta = previous
         return out
 

@@ -6,9 +6,9 @@ import pytest
 from autograd import grad
 
 import per_weight_decay as pwd
+from common import step_rng
 from data_loader import synthetic_mnist
 from neural_network import hypernet_weights, identity, num_params
-from common import step_rng
 from optimizers import adam_init, adam_inplace, adam_update
 
 
