@@ -1,15 +1,20 @@
 """MNIST: verified loading, atomic downloading and the splits used by the experiments (SPEC section 1).
 
+Files are read as a stream and never take more memory than their expected content: a gzip bomb, a huge file or
+an endless download stops with one line (MNISTError) as soon as it passes the size an MNIST file must have.
+
 Run as a script to verify (or fetch) the four files:  python data_loader.py [--data-dir DIR]
 """
 import argparse
-import gzip
+import errno
 import hashlib
 import http.client
 import os
+import stat
 import struct
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -25,7 +30,14 @@ MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-DOWNLOAD_TIMEOUT = 30.0  # seconds per mirror and file
+DOWNLOAD_TIMEOUT = 30.0  # seconds a mirror may stay silent (connect, or between two reads)
+DOWNLOAD_DEADLINE = 600.0  # seconds one file may take from one mirror (the largest is 9.9 MB)
+
+READ_CHUNK = 1 << 20  # bytes read, and decompressed, per step: memory stays near the expected size
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib's code for "a gzip wrapper" (header, CRC-32 and length checked)
+STORED_OVERHEAD_DIVISOR = 1024  # incompressible data grows by 5 bytes per 64 KiB stored block: < size / 1024
+GZIP_SLACK = 1 << 16  # bytes allowed for the gzip header (a file name, a comment) and trailer
 
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 N_PIXELS, N_CLASSES = 28 * 28, 10
@@ -81,40 +93,161 @@ class Splits(NamedTuple):
 
 # ----------------------------------------------------------------------------------------- parsing
 
-def parse_idx(raw, spec):
-    """Parse decompressed IDX bytes into a uint8 array (count, 28, 28) or (count,); checks everything."""
-    digest = hashlib.sha256(raw).hexdigest()
-    header_len = 16 if spec.magic == IMAGES_MAGIC else 8
-    if len(raw) < header_len:
-        raise MNISTError(f"{spec.name}: truncated ({len(raw)} bytes, shorter than the IDX header)")
-    magic, count = struct.unpack(">II", raw[:8])
+def header_length(spec):
+    """Bytes of the IDX header: magic, count, and for images rows and cols (4 bytes each)."""
+    return 16 if spec.magic == IMAGES_MAGIC else 8
+
+
+def expected_size(spec):
+    """Exact decompressed size of a file matching spec: header + count*28*28 (images) or + count (labels)."""
+    return header_length(spec) + spec.count * (N_PIXELS if spec.magic == IMAGES_MAGIC else 1)
+
+
+def compressed_limit(spec):
+    """Most bytes a gzip of such a file may take: the content (stored blocks if incompressible) plus slack."""
+    size = expected_size(spec)
+    return size + size // STORED_OVERHEAD_DIVISOR + GZIP_SLACK
+
+
+def check_header(header, spec):
+    """Check the first header_length(spec) bytes (magic, count, image shape); returns the array shape."""
+    magic, count = struct.unpack(">II", header[:8])
     if magic != spec.magic:
         raise MNISTError(f"{spec.name}: wrong magic number {magic} (expected {spec.magic})")
     if count != spec.count:
         raise MNISTError(f"{spec.name}: wrong count {count} (expected {spec.count})")
-    shape = (count,)
-    if spec.magic == IMAGES_MAGIC:
-        rows, cols = struct.unpack(">II", raw[8:16])
-        if (rows, cols) != (28, 28):
-            raise MNISTError(f"{spec.name}: wrong image shape {rows}x{cols} (expected 28x28)")
-        shape = (count, rows, cols)
-    expected_len = header_len + int(np.prod(shape))
+    if spec.magic != IMAGES_MAGIC:
+        return (count,)
+    rows, cols = struct.unpack(">II", header[8:16])
+    if (rows, cols) != (28, 28):
+        raise MNISTError(f"{spec.name}: wrong image shape {rows}x{cols} (expected 28x28)")
+    return (count, rows, cols)
+
+
+def parse_idx(raw, spec):
+    """Parse decompressed IDX bytes (any buffer) into a uint8 array (count, 28, 28) or (count,); checks everything."""
+    header_len = header_length(spec)
+    if len(raw) < header_len:
+        raise MNISTError(f"{spec.name}: truncated ({len(raw)} bytes, shorter than the IDX header)")
+    shape = check_header(raw[:header_len], spec)
+    expected_len = expected_size(spec)
     if len(raw) != expected_len:
         kind = "truncated" if len(raw) < expected_len else "too long"
         raise MNISTError(f"{spec.name}: {kind} ({len(raw)} bytes, expected {expected_len})")
+    digest = hashlib.sha256(raw).hexdigest()
     if digest != spec.sha256:
         raise MNISTError(f"{spec.name}: checksum mismatch (sha256 {digest[:16]}..., expected {spec.sha256[:16]}...)")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
-def decompress(data, name):
-    """Return the decompressed bytes of gzip data (or the data itself when it is not gzipped)."""
-    if data[:2] != b"\x1f\x8b":
-        return data
+class _CappedBuffer:
+    """The decompressed content, preallocated at its expected size; refuses to grow past it (a gzip bomb)."""
+
+    def __init__(self, spec, name, verb="decompresses to"):
+        self.spec, self.name, self.verb = spec, name, verb
+        self.limit = expected_size(spec)
+        self.data = bytearray(self.limit)
+        self.size = 0
+
+    def room(self):
+        """Bytes the next piece may hold: one more than is left, so that an overflow is seen."""
+        return min(READ_CHUNK, self.limit - self.size + 1)
+
+    def append(self, piece):
+        """Add decompressed bytes; checks the header as soon as it is complete, and the size cap."""
+        end = self.size + len(piece)
+        if end > self.limit:
+            raise MNISTError(f"{self.name}: {self.verb} more than {self.limit} bytes (not an MNIST file)")
+        header_len = header_length(self.spec)
+        self.data[self.size:end] = piece
+        if self.size < header_len <= end:  # fail fast on another file's header (EMNIST, a label file, ...)
+            check_header(self.data[:header_len], self.spec)
+        self.size = end
+
+    def content(self):
+        """The bytes received so far, without a copy."""
+        return memoryview(self.data)[:self.size]
+
+
+def _gunzip_into(chunks, out):
+    """Decompress a stream of gzip chunks (one or more members) into out, never more than out's cap."""
+    inflater = zlib.decompressobj(GZIP_WBITS)
+    fed = False  # has the current member received any input
+    for chunk in chunks:
+        data = chunk
+        while data:
+            fed = True
+            room = out.room()
+            piece = inflater.decompress(data, room)
+            out.append(piece)
+            data = inflater.unconsumed_tail
+            while len(piece) == room and not data and not inflater.eof:  # output zlib still holds (defensive)
+                room = out.room()
+                piece = inflater.decompress(b"", room)
+                out.append(piece)
+            if inflater.eof:  # end of one member; anything after it must be another gzip member
+                data = inflater.unused_data + data
+                inflater, fed = zlib.decompressobj(GZIP_WBITS), False
+    if fed and not inflater.eof:
+        raise zlib.error("the compressed stream ends early")
+
+
+def _file_chunks(f, name, cap):
+    """Yield a file's bytes in chunks, refusing to read more than cap bytes."""
+    total = 0
+    while chunk := f.read(READ_CHUNK):
+        total += len(chunk)
+        if total > cap:
+            raise MNISTError(f"{name}: larger than {cap} bytes compressed (not an MNIST file)")
+        yield chunk
+
+
+def _open_regular(path, name):
+    """Open path for reading binary; refuses anything but a regular file (a FIFO would block forever)."""
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, ValueError, zlib.error) as err:  # zlib.error: damaged deflate stream
-        raise MNISTError(f"{name}: corrupt or truncated gzip data ({err})") from None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        if os.path.islink(path) and not os.path.exists(path) and err.errno == errno.ENOENT:
+            raise MNISTError(f"{name}: cannot read (a broken symbolic link to {os.readlink(path)})") from None
+        raise MNISTError(f"{name}: cannot read ({err.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise MNISTError(f"{name}: cannot read ({kind})")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def read_content(path, spec, name=None):
+    """The decompressed bytes of a .gz or raw file (a memoryview), read as a stream, capped at expected_size(spec)."""
+    name = name or Path(path).name
+    try:
+        out = _CappedBuffer(spec, name)
+    except MemoryError:
+        raise MNISTError(f"{name}: not enough memory for its {expected_size(spec)} bytes") from None
+    try:
+        with _open_regular(path, name) as f:
+            size = os.fstat(f.fileno()).st_size
+            if f.read(2) == GZIP_MAGIC:
+                f.seek(0)
+                cap = compressed_limit(spec)
+                if size > cap:
+                    raise MNISTError(f"{name}: larger than {cap} bytes compressed (not an MNIST file)")
+                try:
+                    _gunzip_into(_file_chunks(f, name, cap), out)
+                except zlib.error as err:  # a damaged deflate stream, a bad CRC, a cut file, trailing bytes
+                    raise MNISTError(f"{name}: corrupt or truncated gzip data ({err})") from None
+            else:  # not gzipped (whatever its name): read it as it is
+                if size > out.limit:
+                    raise MNISTError(f"{name}: too long ({size} bytes, expected {out.limit})")
+                f.seek(0)
+                out.verb = "is"
+                while chunk := f.read(out.room()):  # the size may change while reading: stay capped
+                    out.append(chunk)
+    except OSError as err:  # e.g. EIO, or the file vanished while being read
+        raise MNISTError(f"{name}: cannot read ({err.strerror or err})") from None
+    return out.content()
 
 
 def find_file(data_dir, spec):
@@ -125,16 +258,24 @@ def find_file(data_dir, spec):
     return None
 
 
-def read_idx_file(path, spec):
+def read_idx_file(path, spec, name=None):
     """Read, decompress and verify one file; returns the parsed uint8 array."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as err:
-        raise MNISTError(f"{Path(path).name}: cannot read ({err.strerror})") from None
-    return parse_idx(decompress(data, Path(path).name), spec)
+    return parse_idx(read_content(path, spec, name), spec)
 
 
 # ------------------------------------------------------------------------------------- downloading
+
+def _copy_capped(response, out, spec, url):
+    """Copy a download into the file out; stops past compressed_limit(spec) bytes or DOWNLOAD_DEADLINE seconds."""
+    cap, start, total = compressed_limit(spec), time.monotonic(), 0
+    while chunk := response.read1(READ_CHUNK):  # read1: returns what has arrived, so the deadline is seen
+        total += len(chunk)
+        if total > cap:
+            raise MNISTError(f"served more than {cap} bytes (not an MNIST file)")
+        if time.monotonic() - start > DOWNLOAD_DEADLINE:
+            raise MNISTError(f"slower than {DOWNLOAD_DEADLINE:g} s for one file")
+        out.write(chunk)
+
 
 def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
     """Fetch spec's .gz from the first mirror that serves valid content; atomic, verified before rename."""
@@ -150,9 +291,8 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
             raise MNISTError(f"{spec.name}: cannot write into {data_dir} ({err.strerror or err})") from None
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-            parse_idx(decompress(Path(tmp).read_bytes(), spec.name), spec)  # verify before keeping it
+                _copy_capped(response, out, spec, url)
+            read_idx_file(tmp, spec, name=spec.name)  # verify before keeping it
             replace_readable(tmp, target)
             return target
         except urllib.error.HTTPError as err:
@@ -183,6 +323,9 @@ def fetch_file(key, data_dir=None, allow_download=True, mirrors=MIRRORS):
     spec = FILES[key]
     path = find_file(data_dir, spec)
     if path is None:
+        for candidate in (data_dir / (spec.name + ".gz"), data_dir / spec.name):
+            if os.path.lexists(candidate):  # there, but not a readable file: say why rather than download over it
+                _open_regular(candidate, candidate.name).close()
         if not allow_download:
             raise MNISTError(f"{spec.name}: not found in {data_dir}")
         path = download(spec, data_dir, mirrors)
