@@ -194,6 +194,9 @@ def replace_between(text, key, body):
 
 def macros_of(module, summary, path, warn):
     """{name: LaTeX} from module.tex_numbers(summary); a value that cannot be formatted reads n/a (warned)."""
+    if not hasattr(module, "tex_numbers"):
+        warn(f"warning: {module.__name__}.py exports no tex_numbers; its numbers read n/a")
+        return {}
     try:
         numbers = module.tex_numbers(summary)
     except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as err:
