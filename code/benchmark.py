@@ -1,285 +1,378 @@
-"""Batched autograd versus a per-sample Python loop in the style of the released code, in one process.
+"""The hot loops (issue 13) against their autograd references and against bounds from FLOPs and bytes.
 
-(a) One training step of the global experiment's hypernetwork [1, 50, 7850]: the gradient of the mean
-    training objective (Gaussian NLL + exp(lambda) ||w||_2, SPEC section 3) over 10 hyperparameter samples
-    on the 10 training points, plus the Adam update. Loop: one forward/backward per sample, gradients
-    averaged. Batched: one forward/backward through all 10 weight sets. Also printed for reference: the
-    samples looped over inside one objective, i.e. one traced graph and one backward pass.
-(b) 100 Adam steps of K = 256 linear 784-10 models, each with its own ten per-class regulariser weights
-    (SPEC section 6), on minibatches of 100 training points (the same minibatch for every model at a
-    step). Loop: the 256 models one after another, each its own Adam run. Batched: one stacked problem
-    whose predictions are one GEMM; timed with the (K, D, O) weight layout of batched_mlp_predict and
-    with the side-by-side (D, K*O) layout of neural_network.wide_linear, which needs no weight copies.
+Rows (one call of each is "a step"):
+  large_step              one per_weight_decay.alg3_step of Figure 5 top: linear 784-10, 7,850 decays,
+                          factorised hypernetwork 7,850 -> 10 -> 7,850, 10 hypernetwork steps + 1 lambda step
+  layers_step             the same for the deepest model of Figure 5 bottom, 784-100-100-10 (1.8M hypernet)
+  unrolled_hypergradient  unrolled.unrolled_hypergradient, T = 200 inner Adam steps, full validation set
+  global_step             small_experiments.global_step, hypernetwork [1, 50, 7850], 10 samples
+  local_step              small_experiments.local_step (the validation loss through the Gram matrix)
+  scatter_model_step      learn_vs_true_loss_scatter.scatter_model_step, per model (64 stacked, float64)
+Each fast step is timed against its reference (autograd gradients, textbook Adam with fresh arrays, a new
+RandomState per draw) in the same process, alternating, best of --repeats rounds of CPU time
+(time.process_time), with one BLAS thread (threadpoolctl). The bound of a step is sum over its phases of
+max(FLOPs / GEMM rate, bytes / memory bandwidth), both rates measured at the start of the same run: a large
+float64 GEMM and a large array copy. fraction_of_bound = bound_seconds / seconds.
 
-Both implementations must give the same numbers (the maximum absolute difference is printed). Timings
-are the best of --repeats runs.
-
-    python benchmark.py [--data-dir DIR] [--synthetic] [--repeats 3]
+    python benchmark.py [--quick] [--json PATH] [--repeats N] [--only NAME ...] [--data-dir DIR] [--synthetic]
 """
 import argparse
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
-import autograd.numpy as anp
 import numpy as np
-from autograd import grad
-from autograd.misc import flatten
+from threadpoolctl import threadpool_limits
 
-import neural_network as nn
-from common import ExperimentError, positive_int, run_main, step_rng
-from data_loader import load_mnist, small_splits, synthetic_mnist
-from optimizers import adam, train_stacked
+from common import ExperimentError, positive_int, run_main
+
+NAMES = ("large_step", "layers_step", "unrolled_hypergradient", "global_step", "local_step", "scatter_model_step")
+TARGETS = {"large_step": 2.5, "layers_step": 1.6, "unrolled_hypergradient": 3.0, "global_step": 2.2,
+           "local_step": 6.0, "scatter_model_step": 1.15}   # speed-up targets of issue 13
+TARGET_FRACTION = 0.25                                      # every hot loop at >= 25% of its bound
+F8 = 8                                                      # bytes per float64
 
 
 @dataclass(frozen=True)
 class Config:
-    """Benchmark settings (the experiments' constants, SPEC sections 2, 3 and 6)."""
+    """Sizes of the timed problems (the experiments' defaults) and of the rate measurements."""
 
     seed: int = 7
-    layer_sizes: tuple = (784, 10)           # elementary model
-    # (a) global hypernetwork step
-    hyper_hidden: int = 50                   # hypernetwork [1, 50, 7850], ReLU
-    hyper_init_scale: float = 0.01
-    n_lambda_samples: int = 10               # hyperparameter samples per step
-    lambda_mean: float = 1.0                 # lambda = 1 + 3 N(0, 1), clipped to [-100, 4]
-    lambda_std: float = 3.0
-    lambda_clip: tuple = (-100.0, 4.0)
-    n_train_small: int = 10                  # training points of the small experiments
-    hyper_step_size: float = 1e-4
-    timed_steps: int = 20                    # Adam steps per timing run of (a); time per step is reported
-    # (b) K stacked elementary models
-    n_models: int = 256
-    n_steps: int = 100
-    batch_size: int = 100
-    elementary_init_scale: float = 1e-5
-    lambda_range: tuple = (-3.0, 3.0)        # ten per-class lambdas ~ U(-3, 3)
-    elementary_step_size: float = 1e-4
-    n_train_scatter: int = 50000             # minibatches come from the first 50,000 training points
-    # targets of issue 2
-    target_a: float = 5.0
-    target_b: float = 20.0
+    large_layers: tuple = (784, 10)             # hypernets_local_large
+    deep_layers: tuple = (784, 100, 100, 10)    # compare_number_layers' deepest model
+    hidden: int = 10                            # factorised hypernetwork bottleneck
+    inner_steps: int = 10                       # hypernetwork steps per lambda step
+    batch_size: int = 100                       # minibatch of both
+    n_train: int = 10000                        # large splits: 10,000 images each
+    unroll_steps: int = 200                     # unrolled baseline's T
+    global_hidden: int = 50                     # global hypernetwork [1, 50, 7850]
+    global_samples: int = 10                    # lambda samples per global / local step
+    scatter_models: int = 64                    # models stacked in the timed scatter step
+    gemm_size: int = 1000                       # n of the n x n x n GEMM that measures the GEMM rate
+    copy_bytes: int = 64 << 20                  # array size of the copy that measures memory bandwidth
+    min_seconds: float = 0.3                    # a timing round repeats a step until this much CPU time
 
 
-def best_times(fns, repeats, log=None):
-    """{name: (smallest wall-clock seconds over `repeats` calls, last result)} for a dict of functions.
-
-    The functions take turns within each round, so that a change in the machine's load (it is shared)
-    affects them alike instead of favouring whichever ran last."""
-    best = {name: (np.inf, None) for name in fns}
-    for r in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            result = fn()
-            elapsed = time.perf_counter() - start
-            best[name] = (min(best[name][0], elapsed), result)
-            if log:
-                log(f"  round {r + 1}/{repeats}: {name} {elapsed:.2f} s")
-    return best
+QUICK = dict(min_seconds=0.1)
+TINY = dict(deep_layers=(784, 20, 20, 10), inner_steps=2, n_train=300, unroll_steps=4, scatter_models=4,
+            gemm_size=200, copy_bytes=1 << 20, min_seconds=0.0)   # tests only: seconds, not minutes
 
 
-def check_agreement(what, diff, scale, rtol=1e-9):
-    """Raise ExperimentError when two implementations disagree by more than rtol relative to scale."""
-    if not diff <= rtol * scale:
-        raise ExperimentError(f"{what}: the loop and the batched code disagree "
-                              f"(max |diff| {diff:.1e}, scale {scale:.1e})")
+class HotLoop(NamedTuple):
+    """One row: fast() and reference() each take one step (on their own state); phases [(FLOPs, bytes)];
+    per: the step count one call stands for (scatter: the models of the stack); note: shown in the table."""
+
+    name: str
+    fast: Callable
+    reference: Callable
+    phases: list
+    per: int = 1
+    note: str = ""
 
 
-def max_abs_diff(tree_a, tree_b):
-    return float(np.max(np.abs(flatten(tree_a)[0] - flatten(tree_b)[0])))
+# ------------------------------------------------------------------------------------------ machine
+
+def gemm_rate(n, repeats=3):
+    """Float64 FLOP/s of an n x n x n GEMM (best of repeats)."""
+    rs = np.random.RandomState(0)
+    a, b, c = rs.rand(n, n), rs.rand(n, n), np.empty((n, n))
+    best = min(_cpu(lambda: np.dot(a, b, out=c)) for _ in range(repeats))
+    return 2.0 * n ** 3 / best
 
 
-# ------------------------------------------------------------------------- (a) hypernetwork step
-
-def hyper_objective_batched(hyper_params, lambdas, x, y, layer_sizes):
-    """Mean over the K samples of NLL + exp(lambda) ||w||_2, all K weight sets at once: lambdas (K, 1)."""
-    flat = nn.hypernet_weights(hyper_params, lambdas, nn.relu)                       # (K, 7850)
-    predictions = nn.batched_mlp_predict(nn.unflatten_batch(flat, layer_sizes), x)  # (K, N, 10)
-    return anp.mean(nn.gaussian_nll(predictions, y) + nn.norm_regulariser(flat, lambdas[:, 0]))
-
-
-def unflatten_one(w, layer_sizes):
-    """One flat weight vector -> [(W, b), ...] (W row-major, then b), as the released code's unflatten."""
-    params, start = [], 0
-    for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False):
-        params.append((anp.reshape(w[start:start + m * n], (m, n)), w[start + m * n:start + m * n + n]))
-        start += m * n + n
-    return params
+def bandwidth(n_bytes, repeats=5):
+    """Bytes/s moved by a copy of an n_bytes array (read + write; best of repeats)."""
+    src = np.ones(n_bytes // F8)
+    dst = np.empty_like(src)
+    best = min(_cpu(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    return 2.0 * src.nbytes / best
 
 
-def hyper_objective_one(hyper_params, lam, x, y, layer_sizes):
-    """Training objective of one hyperparameter sample lam (1,): the released code's per-sample form."""
-    w = nn.mlp_predict(hyper_params, anp.reshape(lam, (1, 1)))[0]                  # (7850,)
-    predictions = nn.mlp_predict(unflatten_one(w, layer_sizes), x)                 # (N, 10)
-    return nn.gaussian_nll(predictions, y) + anp.exp(lam[0]) * anp.sqrt(anp.sum(w ** 2))
+def bound_seconds(phases, flops_rate, bytes_rate):
+    """Sum over phases of max(FLOPs / GEMM rate, bytes / bandwidth): no implementation can be faster."""
+    return sum(max(f / flops_rate, b / bytes_rate) for f, b in phases)
 
 
-def hyper_grad_loop(hyper_params, lambdas, x, y, layer_sizes):
-    """Mean gradient over the samples, one forward/backward per sample, summed leaf by leaf."""
-    grad_one = grad(hyper_objective_one)
-    total = None
-    for lam in lambdas:
-        g = grad_one(hyper_params, lam, x, y, layer_sizes)
-        total = g if total is None else [(tW + gW, tb + gb) for (tW, tb), (gW, gb) in zip(total, g, strict=True)]
-    return [(W / len(lambdas), b / len(lambdas)) for W, b in total]
+def _cpu(fn):
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
-def hyper_objective_inner_loop(hyper_params, lambdas, x, y, layer_sizes):
-    """The mean objective as one traced Python loop over the samples (one backward pass for all)."""
-    return sum(hyper_objective_one(hyper_params, lam, x, y, layer_sizes) for lam in lambdas) / len(lambdas)
+def time_pair(fast, reference, repeats, min_seconds):
+    """(fast, reference) CPU seconds per call: best over rounds; in each round both run, in turn, for at
+    least min_seconds (so a change in the machine's load affects both alike)."""
+    best = [np.inf, np.inf]
+    fast()          # warm-up: caches, buffers, first-call allocations
+    reference()
+    for _ in range(repeats):
+        for i, fn in enumerate((fast, reference)):
+            calls, start = 0, time.process_time()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.process_time() - start
+                if elapsed >= min_seconds:
+                    break
+            best[i] = min(best[i], elapsed / calls)
+    return tuple(best)
 
 
-def sample_lambdas(config, i):
-    """Step i's hyperparameter samples (K, 1): 1 + 3 N(0, 1), clipped (SPEC section 3)."""
-    draws = step_rng(config.seed, i).randn(config.n_lambda_samples, 1)
-    return np.clip(config.lambda_mean + config.lambda_std * draws, *config.lambda_clip)
+# ------------------------------------------------------------------------------ FLOP and byte models
+
+def mlp_phase(layer_sizes, n_sets, batch, backward_input=False):
+    """(FLOPs, bytes) of a forward and backward pass of n_sets MLPs on one batch: each layer m x n costs
+    2 B m n for z, 2 B m n for dW and (not the first) 2 B m n for delta; weights read twice, gradient
+    written, batch read."""
+    pairs = list(zip(layer_sizes[:-1], layer_sizes[1:], strict=False))
+    per_set = sum((4 + (2 if (i > 0 or backward_input) else 0)) * batch * m * n for i, (m, n) in enumerate(pairs))
+    P = sum(m * n + n for m, n in pairs)
+    return n_sets * per_set, F8 * (3 * n_sets * P + batch * layer_sizes[0])
 
 
-def bench_hypernet_step(config, train_x, train_y, repeats):
-    """Time Adam steps of the global hypernetwork, loop versus batched; returns a result dict (seconds/step)."""
-    rs = np.random.RandomState(config.seed)
-    n_weights = nn.num_params(config.layer_sizes)
-    hyper = nn.init_hypernet("mlp", 1, n_weights, config.hyper_init_scale, rs, hidden=config.hyper_hidden)
-    x, y = train_x[:config.n_train_small], train_y[:config.n_train_small]
-    layers = list(config.layer_sizes)
-    batched_grad = grad(hyper_objective_batched)
-    inner_loop_grad = grad(hyper_objective_inner_loop)
-
-    def train(gradient):
-        """timed_steps Adam steps from the initial hypernetwork, fresh samples every step."""
-        return adam(lambda p, i: gradient(p, sample_lambdas(config, i), x, y, layers), hyper,
-                    num_iters=config.timed_steps, step_size=config.hyper_step_size)
-
-    times = best_times({"loop": lambda: train(hyper_grad_loop), "batched": lambda: train(batched_grad),
-                        "inner": lambda: train(inner_loop_grad)}, repeats)
-    (t_loop, new_loop), (t_batch, new_batch), (t_inner, _) = times["loop"], times["batched"], times["inner"]
-    lambdas = sample_lambdas(config, 0)
-    g_loop = flatten(hyper_grad_loop(hyper, lambdas, x, y, layers))[0]
-    g_batch = flatten(batched_grad(hyper, lambdas, x, y, layers))[0]
-    check_agreement("(a) hypernetwork gradient", np.max(np.abs(g_loop - g_batch)), np.max(np.abs(g_batch)))
-    steps = config.timed_steps
-    return {"loop_s": t_loop / steps, "batched_s": t_batch / steps, "inner_loop_s": t_inner / steps,
-            "grad_diff": float(np.max(np.abs(g_loop - g_batch))), "grad_scale": float(np.max(np.abs(g_batch))),
-            "param_diff": max_abs_diff(new_loop, new_batch)}
+def alg3_phases(layer_sizes, hidden, inner_steps, n_samples, batch, valid_batch):
+    """Phases of one alg3_step with the factorised hypernetwork H -> r -> P (H = P decays)."""
+    P = sum(m * n + n for m, n in zip(layer_sizes[:-1], layer_sizes[1:], strict=False))
+    H, r, K = P, hidden, n_samples
+    n_phi = H * r + r + r * P + P
+    inner = [
+        (0, F8 * 2 * K * H),                                              # lambdas = lambda_hat + sd N(0, 1)
+        (2 * K * (H * r + r * P), F8 * (K * H + H * r + r * P + K * P)),  # hypernetwork forward
+        mlp_phase(layer_sizes, K, batch),                                 # elementary gradient
+        (0, F8 * 4 * K * P),                                              # decay term: read lambda, w, dw; write
+        (2 * K * (2 * r * P + H * r), F8 * (K * P + 2 * r * P + H * r + K * H)),  # hypernetwork backward
+        (0, F8 * 7 * n_phi),                                              # Adam: read x g m v, write x m v
+    ]
+    outer = [
+        (2 * (H * r + r * P), F8 * (H + H * r + r * P + P)),              # w(lambda_hat)
+        mlp_phase(layer_sizes, 1, valid_batch),
+        (2 * (r * P + H * r), F8 * (P + r * P + H * r + H)),              # back to lambda_hat
+        (0, F8 * 7 * H),
+    ]
+    return inner * inner_steps + outer
 
 
-# ------------------------------------------------------------------------ (b) K stacked models
-
-def minibatch(config, n_train, i):
-    """Start of step i's minibatch of consecutive training points (the same for every model)."""
-    return int(step_rng(config.seed, i).randint(0, n_train - config.batch_size))
-
-
-def bench_stacked(config, train_x, train_y, repeats, log=print):
-    """Time 100 Adam steps of K elementary models: loop, batched (K, D, O) and wide (D, K*O) layouts."""
-    rs = np.random.RandomState(config.seed)
-    K, (D, C), B = config.n_models, config.layer_sizes, config.batch_size
-    n_train = min(config.n_train_scatter, len(train_x))
-    lambdas = rs.uniform(*config.lambda_range, size=(K, C))
-    W0 = config.elementary_init_scale * rs.randn(K, D, C)
-    b0 = config.elementary_init_scale * rs.randn(K, C)
-    starts = [minibatch(config, n_train, i) for i in range(config.n_steps)]
-
-    def one_model_loss(k):
-        """Model k's training objective in the released code's style: one network, its own regulariser."""
-        def loss(params, i):
-            (W, b), = params
-            x, y = train_x[starts[i]:starts[i] + B], train_y[starts[i]:starts[i] + B]
-            regulariser = anp.sum(anp.sqrt(anp.sum((W * anp.exp(lambdas[k])) ** 2, axis=0))) / C
-            return nn.gaussian_nll(nn.mlp_predict(params, x), y) + regulariser
-        return loss
-
-    def loop():
-        return [adam(grad(one_model_loss(k)), [(W0[k], b0[k])], num_iters=config.n_steps,
-                     step_size=config.elementary_step_size) for k in range(K)]
-
-    def batched_loss(params, i):
-        x, y = train_x[starts[i]:starts[i] + B], train_y[starts[i]:starts[i] + B]
-        return nn.gaussian_nll(nn.batched_mlp_predict(params, x), y) + nn.class_norm_regulariser(params[0][0], lambdas)
-
-    def batched():
-        return train_stacked(batched_loss, [(W0, b0)], config.n_steps, config.elementary_step_size)
-
-    def wide_loss(params, i):
-        (W_wide, b_wide), = params
-        x, y = train_x[starts[i]:starts[i] + B], train_y[starts[i]:starts[i] + B]
-        return (nn.gaussian_nll(nn.wide_linear(x, W_wide, b_wide, C), y)
-                + nn.wide_class_norm_regulariser(W_wide, lambdas))
-
-    def wide():
-        W_wide, b_wide = nn.to_wide(W0, b0)
-        (W_wide, b_wide), = train_stacked(wide_loss, [(W_wide, b_wide)], config.n_steps,
-                                          config.elementary_step_size)
-        return [nn.from_wide(W_wide, b_wide, C)]
-
-    def products_only():
-        """The two dense products every batched step needs (predictions, weight gradient), nothing else."""
-        W_wide = np.ascontiguousarray(nn.to_wide(W0, b0)[0])
-        for i in range(config.n_steps):
-            x = train_x[starts[i]:starts[i] + B]
-            np.dot(x.T, np.dot(x, W_wide))
-
-    times = best_times({"two dense products alone": products_only, "batched (K, D, O) layout": batched,
-                        "batched wide (D, K*O) layout": wide, f"loop over {K} models": loop}, repeats, log)
-    (t_products, _), (t_batch, res_batch), (t_wide, res_wide), (t_loop, res_loop) = times.values()
-    stacked_loop = [(np.stack([r[0][0] for r in res_loop]), np.stack([r[0][1] for r in res_loop]))]
-    moved = float(np.max(np.abs(res_batch[0][0] - W0)))
-    scale = float(np.max(np.abs(flatten(stacked_loop)[0])))
-    check_agreement("(b) batched weights", max_abs_diff(res_batch, stacked_loop), scale)
-    check_agreement("(b) wide-layout weights", max_abs_diff(res_wide, stacked_loop), scale)
-    return {"loop_s": t_loop, "batched_s": t_batch, "wide_s": t_wide, "products_s": t_products, "moved": moved,
-            "batched_diff": max_abs_diff(res_batch, stacked_loop), "wide_diff": max_abs_diff(res_wide, stacked_loop)}
+def unrolled_phases(steps, batch, D, C, n_valid):
+    """Phases of the unrolled hypergradient: per inner step two (B, D) x (D, C)-sized products forward and two
+    backward, the batch read each way, the trajectory (w, g, m, v) written then read; the validation set."""
+    P = D * C + C
+    step = (4 * batch * D * C, F8 * (batch * D + 4 * P))
+    return [step] * (2 * steps) + [(4 * n_valid * D * C, F8 * 2 * n_valid * D)]
 
 
-# ------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------ hot loops
 
-def load_data(args):
-    if args.synthetic:
-        return synthetic_mnist(n_train=Config.n_train_small + 5000, n_test=10, seed=Config.seed)
-    return load_mnist(args.data_dir)
+def large_like(name, splits, layer_sizes, config, note=""):
+    """large_step / layers_step: alg3_step, hand-written against the reference, same settings."""
+    import per_weight_decay as pwd
+    from neural_network import num_params
+
+    P = num_params(layer_sizes)
+    problem = pwd.HyperProblem(pwd.decay_objective(layer_sizes), pwd.mse_loss(layer_sizes), splits.train_x,
+                               splits.train_y, splits.valid_x, splits.valid_y, P, P)
+    settings = pwd.Alg3Settings(hidden=config.hidden, inner_steps=config.inner_steps, batch_size=config.batch_size,
+                                valid_batch_size=config.batch_size, input_offset=-7.0)
+    if not pwd.Alg3Stepper.supports(problem, settings):
+        raise ExperimentError(f"{name}: the hand-written step does not support this problem")
+    w0 = pwd.fan_in_init(layer_sizes, np.random.RandomState(config.seed))
+    states = {ref: [pwd.init_alg3(problem, settings, config.seed, w0), 0] for ref in (False, True)}
+
+    def stepper(reference):
+        def step():
+            box = states[reference]
+            box[0] = pwd.alg3_step(box[0], box[1], problem, settings, config.seed, reference=reference)
+            box[1] += 1
+        return step
+    phases = alg3_phases(layer_sizes, config.hidden, config.inner_steps, settings.n_samples, config.batch_size,
+                         config.batch_size)
+    return HotLoop(name, stepper(False), stepper(True), phases, note=note)
+
+
+def unrolled_loop(splits, config):
+    import unrolled as ur
+
+    T, D, C = config.unroll_steps, splits.train_x.shape[1], splits.train_y.shape[1]
+    bx, by = ur.unrolled_schedule(splits.train_x, splits.train_y, T, config.batch_size, config.seed)
+    w0 = ur.initial_weights(D, C, 1e-3, config.seed)
+    lam = np.full(w0.size, -7.0)
+    vx, vy = splits.valid_x, splits.valid_y
+    ws = ur.Workspace(T, D, C, len(vx), config.batch_size)
+    fast = lambda: ur.unrolled_hypergradient(lam, w0, bx, by, vx, vy, "adam", 1e-3, ws)
+    reference = lambda: ur.unrolled_hypergradient_autograd(lam, w0, bx, by, vx, vy, "adam", 1e-3)
+    return HotLoop("unrolled_hypergradient", fast, reference,
+                   unrolled_phases(T, config.batch_size, D, C, len(vx)))
+
+
+def small_loops(data, config):
+    """global_step and local_step of small_experiments (hand-written by their owner), if present."""
+    import small_experiments as se
+    from neural_network import init_hypernet
+    from optimizers import adam_init
+
+    missing = [f for f in ("global_step", "global_step_reference", "local_step", "local_step_reference",
+                           "GlobalProblem", "LocalProblem") if not hasattr(se, f)]
+    if missing:
+        raise ExperimentError(f"small_experiments lacks {', '.join(missing)}")
+    splits = se.splits_of(data)
+    K, Hh, P = config.global_samples, config.global_hidden, se.N_WEIGHTS
+    lambdas = np.clip(1.0 + 3.0 * np.random.RandomState(config.seed).randn(K), -100, 4)
+    loops = []
+    # global: hypernetwork [1, 50, 7850], ReLU
+    gp = {ref: se.GlobalProblem(splits.train_x, splits.train_y, Hh, K) for ref in (False, True)}
+    hyper = se.global_flat_params(init_hypernet("mlp", 1, P, 0.01, np.random.RandomState(config.seed), hidden=Hh))
+    g_state = {ref: [hyper.copy(), adam_init(hyper)] for ref in (False, True)}
+
+    def global_stepper(reference):
+        fn = se.global_step_reference if reference else se.global_step
+
+        def step():
+            box = g_state[reference]
+            box[1] = fn(gp[reference], box[0], box[1], lambdas, 1e-4)[1]
+        return step
+    N, Din = splits.train_x.shape
+    n_phi = hyper.size
+    global_phases = [(2 * K * Hh * P, F8 * (Hh * P + K * P)),                 # w = relu(l W1 + b1) W2 + b2
+                     (4 * K * N * Din * 10, F8 * 3 * K * P),                  # K elementary gradients
+                     (4 * K * Hh * P, F8 * (2 * Hh * P + K * P)),             # dW2, dA
+                     (0, F8 * 7 * n_phi)]                                     # Adam
+    loops.append(HotLoop("global_step", global_stepper(False), global_stepper(True), global_phases))
+    # local: linear hypernetwork w(l) = l a + c, validation through the Gram matrix
+    lp = {ref: se.LocalProblem(splits.train_x, splits.train_y, splits.valid_x, splits.valid_y, K)
+          for ref in (False, True)}
+    local = se.local_flat_params(init_hypernet("linear", 1, P, 1e-3, np.random.RandomState(config.seed)))
+    l_state = {ref: [local.copy(), np.array([-3.5]), adam_init(np.zeros(1))] for ref in (False, True)}
+
+    def local_stepper(reference):
+        fn = se.local_step_reference if reference else se.local_step
+
+        def step():
+            box = l_state[reference]
+            box[2] = fn(lp[reference], box[0], box[1], box[2], lambdas, 1e-4, 0.01)[3]
+        return step
+    local_phases = [(4 * K * N * Din * 10, F8 * (3 * K * P + 2 * P)),         # K elementary gradients, SGD
+                    (2 * Din * Din * 10, F8 * (Din * Din + 3 * P))]           # S M through the Gram matrix
+    loops.append(HotLoop("local_step", local_stepper(False), local_stepper(True), local_phases))
+    return loops
+
+
+def scatter_loop(data, config):
+    """scatter_model_step (float64, so that both sides compute the same thing), per model."""
+    import learn_vs_true_loss_scatter as sc
+
+    for f in ("scatter_model_step", "scatter_model_step_reference", "scatter_step_stack", "sample_lambdas"):
+        if not hasattr(sc, f):
+            raise ExperimentError(f"learn_vs_true_loss_scatter lacks {f}")
+    K, B = config.scatter_models, sc.Config().batch_size
+    lambdas = sc.sample_lambdas(sc.Config())[:K]
+    stacks = {ref: sc.scatter_step_stack(lambdas, reference=ref, dtype="float64") for ref in (False, True)}
+    x, t = data.train_images[:B].astype(np.float64), data.train_labels[:B].astype(np.float64)
+    counters = {False: 0, True: 0}
+
+    def stepper(reference):
+        fn = sc.scatter_model_step_reference if reference else sc.scatter_model_step
+
+        def step():
+            counters[reference] += 1
+            fn(stacks[reference], x, t, counters[reference])
+        return step
+    D, C = x.shape[1], sc.N_CLASSES
+    P = D * C + C
+    phases = [(4 * K * C * D * B, F8 * (B * D + 2 * K * P)),                  # two GEMMs
+              (2 * K * P, F8 * 2 * K * P),                                    # column norms, regulariser
+              (0, F8 * 7 * K * P)]                                            # Adam
+    return HotLoop("scatter_model_step", stepper(False), stepper(True), phases, per=K)
+
+
+def build_loops(names, data, config, log=print):
+    """The HotLoops requested (in NAMES order); a row whose code is missing is reported and skipped."""
+    import per_weight_decay as pwd
+
+    need_large = {"large_step", "layers_step", "unrolled_hypergradient"} & set(names)
+    splits = pwd.large_splits(data, config.n_train, config.n_train, 1) if need_large else None
+    loops = []
+    for name in names:
+        try:
+            if name == "large_step":
+                loops.append(large_like(name, splits, config.large_layers, config))
+            elif name == "layers_step":
+                loops.append(large_like(name, splits, config.deep_layers, config))
+            elif name == "unrolled_hypergradient":
+                loops.append(unrolled_loop(splits, config))
+            elif name == "scatter_model_step":
+                loops.append(scatter_loop(data, config))
+            elif name in ("global_step", "local_step") and not any(loop.name in ("global_step", "local_step")
+                                                                      for loop in loops):
+                loops.extend(loop for loop in small_loops(data, config) if loop.name in names)
+        except (ExperimentError, ImportError) as err:
+            log(f"skipped {name}: {err}")
+    return [loop for name in NAMES for loop in loops if loop.name == name]
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def measure(loops, config, repeats, log=print):
+    """Machine rates, then every loop: rows of the JSON output."""
+    flops_rate, bytes_rate = gemm_rate(config.gemm_size), bandwidth(config.copy_bytes)
+    log(f"GEMM {flops_rate / 1e9:.1f} GFLOP/s, bandwidth {bytes_rate / 1e9:.1f} GB/s (one thread, this run)")
+    rows = []
+    for loop in loops:
+        fast, ref = time_pair(loop.fast, loop.reference, repeats, config.min_seconds)
+        fast, ref = fast / loop.per, ref / loop.per
+        bound = bound_seconds(loop.phases, flops_rate, bytes_rate) / loop.per
+        rows.append({"name": loop.name, "reference_seconds": ref, "seconds": fast, "speedup": ref / fast,
+                     "bound_seconds": bound, "fraction_of_bound": bound / fast})
+        log(f"  {loop.name}: {fast * 1e3:.3f} ms (reference {ref * 1e3:.3f} ms)")
+    return rows, {"gemm_flops_per_second": flops_rate, "bandwidth_bytes_per_second": bytes_rate}
+
+
+def table(rows):
+    """The rows as a text table, with the targets of issue 13."""
+    lines = [f"{'hot loop':24s} {'reference':>11s} {'fast':>11s} {'speed-up':>9s} {'target':>7s} "
+             f"{'bound':>11s} {'of bound':>9s}"]
+    for r in rows:
+        ok = r["speedup"] >= TARGETS[r["name"]] and r["fraction_of_bound"] >= TARGET_FRACTION
+        lines.append(f"{r['name']:24s} {_ms(r['reference_seconds'])} {_ms(r['seconds'])} {r['speedup']:8.2f}x "
+                     f"{TARGETS[r['name']]:6.2f}x {_ms(r['bound_seconds'])} {100 * r['fraction_of_bound']:8.0f}%"
+                     f"{'' if ok else '  (target missed)'}")
+    return "\n".join(lines)
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:8.3f} ms"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Time batched autograd against a per-sample loop.")
+    parser = argparse.ArgumentParser(description="Time the hot loops against their autograd references and "
+                                                 "bounds (issue 13).")
+    parser.add_argument("--quick", action="store_true", help="shorter timing rounds (under about 3 minutes)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON to PATH")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timing rounds, the best is kept (default 3; 2 with --quick)")
+    parser.add_argument("--only", nargs="+", choices=NAMES, default=None, help="time only these hot loops")
     parser.add_argument("--data-dir", default=None, help="MNIST folder (default: $MNIST_DIR or code/data)")
-    parser.add_argument("--synthetic", action="store_true", help="use synthetic stand-in data instead of MNIST")
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timing runs; the best is kept (default 3)")
-    parser.add_argument("--only", choices=("a", "b"), default=None, help="run one of the two benchmarks")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic stand-in data instead of MNIST")
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: tiny sizes
     args = parser.parse_args(argv)
     config = Config()
-    data = load_data(args)
-    print(f"data: {'synthetic' if args.synthetic else 'MNIST'}; numpy {np.__version__}; best of {args.repeats}")
-    failures = []
-    if args.only in (None, "a"):
-        if args.synthetic:
-            train_x, train_y = data.train_images, data.train_labels
-        else:
-            splits = small_splits(data)
-            train_x, train_y = splits.train_x, splits.train_y
-        a = bench_hypernet_step(config, train_x, train_y, args.repeats)
-        ratio = a["loop_s"] / a["batched_s"]
-        print(f"(a) hypernetwork [1, 50, 7850] step, {config.n_lambda_samples} samples, {config.n_train_small} points: "
-              f"loop {a['loop_s'] * 1e3:.1f} ms, batched {a['batched_s'] * 1e3:.1f} ms, ratio {ratio:.1f}x "
-              f"(target {config.target_a:.0f}x); max |grad diff| {a['grad_diff']:.1e} "
-              f"(max |grad| {a['grad_scale']:.1e}), max |param diff| after {config.timed_steps} steps "
-              f"{a['param_diff']:.1e}")
-        print(f"    (for reference: the loop inside one objective, one backward pass for all samples: "
-              f"{a['inner_loop_s'] * 1e3:.1f} ms, ratio {a['inner_loop_s'] / a['batched_s']:.1f}x)")
-        if ratio < config.target_a:
-            failures.append("a")
-    if args.only in (None, "b"):
-        b = bench_stacked(config, data.train_images, data.train_labels, args.repeats)
-        ratio, ratio_wide = b["loop_s"] / b["batched_s"], b["loop_s"] / b["wide_s"]
-        print(f"(b) {config.n_steps} Adam steps of K = {config.n_models} models, minibatch {config.batch_size}: "
-              f"loop {b['loop_s']:.2f} s, batched {b['batched_s']:.2f} s ({ratio:.1f}x), "
-              f"wide layout {b['wide_s']:.2f} s ({ratio_wide:.1f}x) (target {config.target_b:.0f}x); "
-              f"max |weight diff| {b['batched_diff']:.1e} / {b['wide_diff']:.1e} (weights moved {b['moved']:.1e})")
-        print(f"    (the two GEMMs per step alone take {b['products_s']:.2f} s, so no batched autograd version "
-              f"can beat {b['loop_s'] / b['products_s']:.1f}x here)")
-        if max(ratio, ratio_wide) < config.target_b:
-            failures.append("b")
-    if failures:
-        print(f"targets missed: {', '.join(failures)}")
+    if args.quick:
+        config = replace(config, **QUICK)
+    if args.tiny:
+        config = replace(config, **TINY)
+    repeats = args.repeats or (2 if args.quick or args.tiny else 3)
+    from data_loader import load_mnist, synthetic_mnist
+
+    data = synthetic_mnist(n_train=max(2 * config.n_train + 100, 2000)) if args.synthetic else load_mnist(args.data_dir)
+    with threadpool_limits(limits=1), np.errstate(over="ignore", invalid="ignore"):
+        loops = build_loops(args.only or NAMES, data, config)
+        rows, machine = measure(loops, config, repeats)
+    print(table(rows))
+    if args.json:
+        from atomic_io import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (json.dumps(rows, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
     return 0
 
 
