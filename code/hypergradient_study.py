@@ -324,6 +324,12 @@ def run(config, data, log=print):
         s["exact_gain_same_time"] = reference["valid"] - s["exact_valid_same_time"]
         summary["variants"][variant.name] = s
         arrays.update(a)
+    # what a perfectly trained rank-r hypernetwork could reach: the best rank-r approximation of the exact
+    # best-response Jacobian at lambda_hat_0 (references.low_rank_cosines), for each width in the study
+    widths = sorted({v.hidden for v in selected(config)})
+    bound = ref.low_rank_cosines(ridge, config.init_lambda, splits.valid_x, splits.valid_y, widths)
+    summary["rank_bound"] = {str(r): c for r, c in bound.items()}
+    log("cosine of a perfect rank-r hypernetwork: " + ", ".join(f"r={r}: {c:.3f}" for r, c in bound.items()))
     summary["split_sensitivity"] = ref.split_sensitivity(
         data, config.init_lambda, blocks=available_blocks(data, config.block), block=config.block,
         n_test=min(config.block, len(data.test_images)))
@@ -359,6 +365,7 @@ def tunes(s):
 
 # ----------------------------------------------------------------------------------------- figure, table
 
+GAIN_LINTHRESH = 1e-4  # panel (c): linear within +-1e-4 MSE, logarithmic beyond
 COLORS = ("k", "tab:red", "tab:orange", "tab:olive", "tab:green", "tab:cyan", "tab:blue", "tab:purple",
           "tab:pink", "tab:brown", "tab:gray")
 
@@ -380,6 +387,9 @@ def plot(summary, arrays, out_dir):
     for level in (COSINE_ZERO, -COSINE_ZERO):
         ax.axhline(level, color="0.6", linewidth=0.6, linestyle=":")
     ax.axhline(1.0, color="0.3", linewidth=0.6, linestyle="--")
+    for r, c in summary["rank_bound"].items():
+        ax.axhline(c, color="0.3", linewidth=0.8, linestyle="--")
+        ax.text(ax.get_xlim()[1], c, f" best rank-{r} hypernet", fontsize=7, va="bottom", ha="right")
     ax.set_ylim(-1.05, 1.05)
     ax.set_xlabel("hypernetwork steps")
     ax.set_ylabel(r"cosine($J_\phi^\top \partial L_V/\partial w$, exact hypergradient)")
@@ -392,6 +402,7 @@ def plot(summary, arrays, out_dir):
     ax.set_yticks(range(1, len(data) + 1), [summary["variants"][n]["label"] for n in names] + ["exact descent"],
                   fontsize=7)
     ax.set_xscale("log")
+    ax.invert_yaxis()  # same order as panel (c), top to bottom
     ax.set_xlabel(r"$|\hat\lambda_j - \hat\lambda_{0,j}|$ over the 7,850 decays (box 25-75%, whiskers 5-95%)")
     ax.set_title(r"(b) how far $\hat\lambda$ moved")
     ax = axes[2]
@@ -404,10 +415,11 @@ def plot(summary, arrays, out_dir):
     ax.barh(y + 0.27, gains_e, 0.27, color="tab:green", label="exact descent, same CPU time")
     ax.axvline(0, color="k", linewidth=0.8)
     ax.axvline(GAIN_MIN, color="0.5", linewidth=0.6, linestyle=":")
+    ax.set_xscale("symlog", linthresh=GAIN_LINTHRESH)  # undertrained hypernetworks lose far more than lambda gains
     ax.set_yticks(y, [summary["variants"][n]["label"] for n in names], fontsize=7)
     ax.invert_yaxis()
     ref_valid = summary["reference"]["valid"]
-    ax.set_xlabel(f"validation gain over the fixed-lambda reference ({ref_valid:.4f}), MSE")
+    ax.set_xlabel(f"validation gain over the fixed-lambda reference ({ref_valid:.4f}), MSE (symlog)")
     ax.set_title("(c) validation gain at equal CPU time")
     ax.legend(fontsize=7, frameon=False, loc="lower right")
     fig.tight_layout()
@@ -472,6 +484,8 @@ def tex_numbers(summary):
         "HgSplitGapSpread": texfmt.significant(summary["split_gap_spread"], 2),
         "HgNumTuning": texfmt.integer(len(summary["tuning_variants"])),
     }
+    if "10" in summary["rank_bound"]:
+        numbers["HgRankTenBound"] = texfmt.fixed(summary["rank_bound"]["10"], 2)
     if "paper" in variants:
         p = variants["paper"]
         numbers.update(HgPaperCosine=texfmt.fixed(p["cosine_mean"], 3),

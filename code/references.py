@@ -153,6 +153,45 @@ def exact_hypergradient(ridge, lam, x_valid, y_valid):
     return classes_to_flat(-decay * per_class * solved), w, linear_loss(w, x_valid, y_valid)
 
 
+def best_response_jacobian(ridge, lam):
+    """dw*_c/dlambda_c per class: (C, D+1, D+1), entry [c, i, j] = dw_ci/dlambda_cj = -(A_c^{-1})_ij exp(lambda_cj) w_cj.
+
+    The full (P, P) Jacobian in flat order is block-diagonal after the flat_to_classes permutation (a decay of
+    class c moves only class c's weights). From the derivation in exact_hypergradient."""
+    factors, decay = _factors(ridge, lam)
+    eye = np.eye(ridge.n_in + 1)
+    blocks = []
+    for c, f in enumerate(factors):
+        w_c = scipy.linalg.cho_solve(f, ridge.rhs[:, c], check_finite=False)
+        blocks.append(-scipy.linalg.cho_solve(f, eye, check_finite=False) * (decay[c] * w_c)[None, :])
+    return np.stack(blocks)
+
+
+def low_rank_cosines(ridge, lam, x_valid, y_valid, ranks):
+    """Cosine of the exact hypergradient with J_r' dL_V/dw for the best rank-r approximations J_r of the exact
+    best-response Jacobian (truncated SVD over all classes' blocks): {r: cosine}. The hypergradient of a perfectly
+    trained rank-r (factorised, r hidden units) linear hypernetwork cannot point closer than this in general."""
+    lam = as_decays(lam, ridge)
+    blocks = best_response_jacobian(ridge, lam)
+    exact, w, _ = exact_hypergradient(ridge, lam, x_valid, y_valid)
+    g = flat_to_classes(linear_loss_grad(w, x_valid, y_valid), ridge.n_in, ridge.n_out)  # (C, D+1)
+    # J_c = U S V' per block; J_c' g_c = V S U' g_c; the rank-r truncation keeps the r largest S over all blocks
+    svds = [np.linalg.svd(J, full_matrices=False) for J in blocks]
+    values = np.concatenate([s for _, s, _ in svds])
+    order = np.argsort(values)[::-1]
+    block_of = np.repeat(np.arange(len(svds)), [len(s) for _, s, _ in svds])
+    index_in = np.concatenate([np.arange(len(s)) for _, s, _ in svds])
+    out = {}
+    for r in ranks:
+        direction = np.zeros_like(g)
+        for k in order[:r]:
+            c, i = block_of[k], index_in[k]
+            U, s, Vt = svds[c]
+            direction[c] += Vt[i] * s[i] * (U[:, i] @ g[c])
+        out[int(r)] = cosine(classes_to_flat(direction), exact)
+    return out
+
+
 def fixed_lambda_reference(lam, splits, ridge=None):
     """Valid / test / train MSE at the closed form w*(lambda): the converged level of plain training at lambda.
 

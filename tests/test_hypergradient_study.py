@@ -163,3 +163,18 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     assert common.main(hs, ["--quick", "--synthetic", "--valid-block", "4", "--out-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("error:") == 4
+
+
+def test_run_variant_scores_on_validation_data(splits):
+    """The recorded cosine and closed-form loss at step 0 are the validation-set ones, recomputed independently."""
+    config = small_config(hypernet_steps=20, eval_points=2)
+    variant = hs.PAPER._replace(sample_sd=0.1, inner_steps=10, hidden=2)
+    ridge = ref.ridge_problem(splits.train_x, splits.train_y)
+    summary, arrays = hs.run_variant(variant, config, splits, ridge, log=None)
+    state = hs.init_study(variant, config)
+    exact, _, valid = ref.exact_hypergradient(ridge, state.lam, splits.valid_x, splits.valid_y)
+    direction = hs.lambda_direction(state.phi, state.lam, state.lam0, splits.valid_x, splits.valid_y)
+    assert arrays["paper_cosine"][0] == pytest.approx(ref.cosine(direction, exact), abs=1e-12)
+    assert arrays["paper_closed_valid"][0] == pytest.approx(valid, rel=1e-12)
+    assert list(arrays["paper_steps"]) == [0, 2]
+    assert summary["dlambda_norm"] == pytest.approx(np.linalg.norm(arrays["paper_dlambda"]))

@@ -166,6 +166,36 @@ def test_exact_hypergradient_matches_finite_differences(tiny):
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-11)
 
 
+def class_indices(c):
+    """Flat indices of class c's (D+1)-vector: W[i, c] at i*C + c for the D pixels, then b[c] at D*C + c."""
+    return [i * C + c for i in range(D)] + [D * C + c]
+
+
+def test_best_response_jacobian_matches_autograd(tiny):
+    splits, ridge, lam = tiny
+    J_full = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam)  # (P, P) dw/dlambda
+    blocks = R.best_response_jacobian(ridge, lam)
+    off = np.ones((P, P), bool)
+    for c in range(C):
+        idx = np.ix_(class_indices(c), class_indices(c))
+        np.testing.assert_allclose(blocks[c], J_full[idx], rtol=1e-9, atol=1e-14)
+        off[idx] = False
+    assert np.abs(J_full[off]).max() < 1e-14  # a decay of class c moves only class c's weights
+
+
+def test_low_rank_cosines_match_a_truncated_svd_of_the_full_jacobian(tiny):
+    splits, ridge, lam = tiny
+    J_full = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam)
+    exact, w, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    g = R.linear_loss_grad(w, splits.valid_x, splits.valid_y)
+    U, s, Vt = np.linalg.svd(J_full)
+    got = R.low_rank_cosines(ridge, lam, splits.valid_x, splits.valid_y, (1, 3, P))
+    for r in (1, 3):
+        direction = Vt[:r].T @ (s[:r] * (U[:, :r].T @ g))  # J_r' g
+        assert got[r] == pytest.approx(R.cosine(direction, exact), abs=1e-9)
+    assert got[P] == pytest.approx(1.0, abs=1e-12)
+
+
 def test_exact_hypergradient_uses_validation_data_only(tiny):
     splits, ridge, lam = tiny
     g, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
