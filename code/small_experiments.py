@@ -27,7 +27,7 @@ from neural_network import (
     norm_regulariser,
     relu,
 )
-from optimizers import adam, adam_inplace, adam_update, stacked_grad
+from optimizers import adam, adam_init, adam_inplace, adam_textbook, stacked_grad
 
 LAYER_SIZES = (784, 10)     # the elementary linear model
 N_WEIGHTS = 784 * 10 + 10   # flattened: W row-major, then b
@@ -44,9 +44,28 @@ def load_small_splits(data_dir=None, synthetic=False):
     """Train (10) / valid (10,000) / test (10,000) splits of SPEC section 1, images augmented to (N, 785).
 
     synthetic=True uses the small stand-in of data_loader (tests only), with a 1,000-image validation set."""
-    if synthetic:
-        return augment_splits(small_splits(synthetic_mnist(), **SYNTHETIC_SPLIT))
-    return augment_splits(small_splits(load_mnist(data_dir), **REAL_SPLIT))
+    return splits_of(synthetic_mnist() if synthetic else load_mnist(data_dir))
+
+
+def splits_of(data):
+    """The small splits of loaded data (data_loader.MNIST), augmented: SPEC sizes for MNIST; for the synthetic
+    stand-in of the tests (fewer training images than the SPEC split needs) the smaller SYNTHETIC_SPLIT."""
+    needed = REAL_SPLIT["n_train"] + REAL_SPLIT["n_valid"]
+    sizes = REAL_SPLIT if len(data.train_images) >= needed else SYNTHETIC_SPLIT
+    return augment_splits(small_splits(data, **sizes))
+
+
+class StepNormals:
+    """Standard normal draws of common.step_rng(seed, step): the same numbers, from one generator reseeded per
+    step (building a RandomState per step cost 0.1-0.3 ms, several percent of a fast step)."""
+
+    def __init__(self, seed):
+        self.seed, self.rng = int(seed), np.random.RandomState()
+
+    def __call__(self, step, size):
+        """(size,) draws of step `step`."""
+        self.rng.seed(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0])
+        return self.rng.randn(size)
 
 
 # -------------------------------------------------------------------------------------- objective
@@ -134,13 +153,19 @@ def parabola_argmin(xs, ys):
     return float(np.clip(-b / (2 * a), x0, x2))
 
 
-def cross_validate(splits: Splits, cv_lambdas, sweep_lambdas, init_scale, seed, step_size, num_iters):
+GRADIENTS = ("handwritten", "autograd")  # the hot loops' two implementations (autograd: the slow reference)
+
+
+def cross_validate(splits: Splits, cv_lambdas, sweep_lambdas, init_scale, seed, step_size, num_iters,
+                   gradients="handwritten"):
     """Train one elementary model per lambda of both grids in ONE stacked run; returns CVResult.
 
-    splits: augmented (load_small_splits). cv_lambdas (10,) give the crosses, sweep_lambdas (S,) lambda*."""
+    splits: augmented (splits_of). cv_lambdas (10,) give the crosses, sweep_lambdas (S,) lambda*.
+    gradients: "handwritten" (train_elementary_handwritten) or "autograd" (train_elementary)."""
     cv_lambdas, sweep_lambdas = np.asarray(cv_lambdas, float), np.asarray(sweep_lambdas, float)
     lambdas = np.concatenate([cv_lambdas, sweep_lambdas])
-    weights = train_elementary(lambdas, splits.train_x, splits.train_y, init_scale, seed, step_size, num_iters)
+    train = train_elementary_handwritten if gradients == "handwritten" else train_elementary
+    weights = train(lambdas, splits.train_x, splits.train_y, init_scale, seed, step_size, num_iters)
     n = len(cv_lambdas)
     train = np.asarray(training_objective(weights[:n], cv_lambdas, splits.train_x, splits.train_y))
     check_finite(train, num_iters, "cross-validation training objective")
@@ -148,6 +173,11 @@ def cross_validate(splits: Splits, cv_lambdas, sweep_lambdas, init_scale, seed, 
     test = evaluate_loss(weights[:n], splits.test_x, splits.test_y)
     return CVResult(cv_lambdas, train, valid[:n], test, sweep_lambdas, valid[n:],
                     parabola_argmin(sweep_lambdas, valid[n:]))
+
+
+def interpolate(xs, ys, x):
+    """ys(x) read off a grid by linear interpolation (xs increasing): float."""
+    return float(np.interp(x, xs, ys))
 
 
 def grid(lo, hi, count):
@@ -174,21 +204,24 @@ def mean_objective(flat_weights, lambdas, inputs, targets):
 
 
 class _TrainingTerm:
-    """J of the comment above and its gradient in the K weight rows, with every buffer allocated once."""
+    """The K per-row training objectives J_k and the gradient of their weighted sum in the K weight rows,
+    every buffer allocated once. row_weight 1/K: the gradient of the batch mean J (the hypernetworks);
+    row_weight 1: each row's own gradient (K stacked elementary models, cross-validation)."""
 
-    def __init__(self, train_x, train_y, batch_size):
+    def __init__(self, train_x, train_y, batch_size, row_weight):
         self.x, self.t = np.ascontiguousarray(train_x), np.ascontiguousarray(train_y)
         n, c = self.t.shape
-        self.k = batch_size
+        self.k, self.row_weight = batch_size, row_weight
         self.loss_scale = 50.0 / (n * c)                    # 50 mean(R^2) = loss_scale * sum(R^2)
-        self.grad_scale = 100.0 / (n * c * batch_size)      # (1/K) (100 / (N C))
+        self.grad_scale = row_weight * 100.0 / (n * c)      # row weight times 100 / (N C)
         self.residual = np.empty((batch_size, n, c))        # R_k, k = 0..K-1
         self.square = np.empty((batch_size, n, c))
         self.norms = np.empty(batch_size)
         self.coef = np.empty(batch_size)
 
     def value_and_weight_grad(self, weights, lambdas, weight_grad):
-        """J (float) for weights (K, 7850) at lambdas (K,); writes dJ/dweights into weight_grad (K, 7850)."""
+        """J_k (K,) for weights (K, 7850) at lambdas (K,); writes d(sum_k row_weight J_k)/dweights into
+        weight_grad (K, 7850)."""
         k, (n_in, n_out) = self.k, (LAYER_SIZES[0] + 1, LAYER_SIZES[1])
         matrices = weights.reshape(k, n_in, n_out)
         np.matmul(self.x, matrices, out=self.residual)      # X M_k
@@ -197,14 +230,29 @@ class _TrainingTerm:
         nll = self.loss_scale * self.square.sum(axis=(1, 2)) + LOG_SIGMA_CONST   # (K,)
         np.sqrt(np.einsum("ij,ij->i", weights, weights), out=self.norms)          # ||w_k||
         exp_lambdas = np.exp(lambdas)
-        objective = float(np.mean(nll + exp_lambdas * self.norms))
-        # dJ/dM_k = grad_scale X' R_k + (exp(lambda_k) / (K ||w_k||)) w_k
+        objectives = nll + exp_lambdas * self.norms
+        # dJ/dM_k = row_weight [(100 / (N C)) X' R_k + (exp(lambda_k) / ||w_k||) w_k]
         grad_matrices = weight_grad.reshape(k, n_in, n_out)
         np.matmul(self.x.T, self.residual, out=grad_matrices)
         grad_matrices *= self.grad_scale
-        np.divide(exp_lambdas, self.k * self.norms, out=self.coef)
+        np.divide(exp_lambdas, self.norms, out=self.coef)
+        self.coef *= self.row_weight
         weight_grad += self.coef[:, None] * weights
-        return objective
+        return objectives
+
+
+def train_elementary_handwritten(lambdas, train_x, train_y, init_scale, seed, step_size, num_iters):
+    """train_elementary with the hand-written gradient of _TrainingTerm and the in-place Adam: (K,) -> (K, 7850).
+
+    Same arguments and, up to rounding, the same numbers (tests: 1e-9); no autograd trace per step."""
+    lambdas = np.asarray(lambdas, dtype=float)
+    weights = np.tile(elementary_init(init_scale, seed), (len(lambdas), 1))
+    term = _TrainingTerm(train_x, train_y, len(lambdas), row_weight=1.0)
+    grad, scratch, state = np.empty_like(weights), np.empty(weights.size), adam_init(weights)
+    for _ in range(num_iters):
+        term.value_and_weight_grad(weights, lambdas, grad)
+        state = adam_inplace(weights, grad, state, step_size, scratch)
+    return weights
 
 
 # ----------------------------------------------------------------- global step (Algorithm 2, SPEC 3)
@@ -240,7 +288,7 @@ class GlobalProblem:
         self.shapes = global_param_shapes(hidden_units)
         self.size = sum(int(np.prod(s)) for s in self.shapes)
         self.train_x, self.train_y, self.hidden_units, self.batch_size = train_x, train_y, hidden_units, batch_size
-        self.term = _TrainingTerm(train_x, train_y, batch_size)
+        self.term = _TrainingTerm(train_x, train_y, batch_size, row_weight=1.0 / batch_size)
         self.grad = np.empty(self.size)                      # dJ/dparams, flat
         self.scratch = np.empty(self.size)                   # adam_inplace's work buffer
         self.pre = np.empty((batch_size, hidden_units))      # Z
@@ -278,7 +326,7 @@ def global_step(problem, params, state, lambdas, step_size):
     np.maximum(p.pre, 0.0, out=p.hidden)
     np.dot(p.hidden, W2, out=p.weights)
     p.weights += b2
-    objective = p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)
+    objective = float(np.mean(p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)))
     # backward: dW2 = A' G, db2 = sum_k G_k, dZ = (G W2') * [Z > 0], dW1 = l' dZ, db1 = sum_k dZ_k
     np.dot(p.hidden.T, p.weight_grad, out=gW2)
     np.sum(p.weight_grad, axis=0, out=gb2)
@@ -290,7 +338,7 @@ def global_step(problem, params, state, lambdas, step_size):
 
 
 def global_step_reference(problem, params, state, lambdas, step_size):
-    """The same step with autograd's gradient and optimizers.adam_update (textbook Adam): same contract as
+    """The same step with autograd's gradient and optimizers.adam_textbook: same contract as
     global_step (params overwritten; returns (objective, new state)); slow, the reference of the tests."""
     def objective(flat):
         W1, b1, W2, b2 = [anp.reshape(piece, shape) for piece, shape in
@@ -300,7 +348,7 @@ def global_step_reference(problem, params, state, lambdas, step_size):
         return mean_objective(weights, lambdas, problem.train_x, problem.train_y)
 
     value, grad = value_and_grad(objective)(params)
-    new_params, state = adam_update(params, grad, state, step_size)
+    new_params, state = adam_textbook(params, grad, state, step_size)
     params[...] = new_params
     return float(value), state
 
@@ -327,7 +375,7 @@ class LocalProblem:
     def __init__(self, train_x, train_y, valid_x, valid_y, batch_size):
         self.train_x, self.train_y, self.valid_x, self.valid_y = train_x, train_y, valid_x, valid_y
         self.batch_size = batch_size
-        self.term = _TrainingTerm(train_x, train_y, batch_size)
+        self.term = _TrainingTerm(train_x, train_y, batch_size, row_weight=1.0 / batch_size)
         self.gram = valid_x.T @ valid_x                     # S (785, 785)
         self.cross = valid_x.T @ valid_y                    # P (785, 10)
         self.target_square = float(np.sum(valid_y ** 2))    # yy
@@ -370,7 +418,7 @@ def local_step(problem, params, lambda_hat, state, lambdas, hypernet_step_size, 
     a, c = params[:N_WEIGHTS], params[N_WEIGHTS:]
     np.multiply(lambdas[:, None], a, out=p.weights)
     p.weights += c                                          # w(l_k) = l_k a + c
-    objective = p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)
+    objective = float(np.mean(p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)))
     da, dc = p.grad[:N_WEIGHTS], p.grad[N_WEIGHTS:]
     np.dot(lambdas, p.weight_grad, out=da)                  # da = l' G
     np.sum(p.weight_grad, axis=0, out=dc)                   # dc = sum_k G_k
@@ -395,7 +443,7 @@ def local_params_list(flat):
 
 def local_step_reference(problem, params, lambda_hat, state, lambdas, hypernet_step_size, hyper_step_size):
     """The same step with autograd: the SGD gradient of J, the validation loss and its slope through the full
-    (Nv, 785) validation set, and optimizers.adam_update. Same contract as local_step; slow (the reference)."""
+    (Nv, 785) validation set, and optimizers.adam_textbook. Same contract as local_step; slow (the reference)."""
     def training(flat):
         weights = anp.reshape(lambdas, (-1, 1)) * flat[:N_WEIGHTS] + flat[N_WEIGHTS:]
         return mean_objective(weights, lambdas, problem.train_x, problem.train_y)
@@ -407,6 +455,6 @@ def local_step_reference(problem, params, lambda_hat, state, lambdas, hypernet_s
     objective, grad = value_and_grad(training)(params)
     params[...] = params - hypernet_step_size * grad
     valid, slope = value_and_grad(validation)(float(lambda_hat[0]), params)
-    new_lambda, state = adam_update(lambda_hat, np.array([slope]), state, hyper_step_size)
+    new_lambda, state = adam_textbook(lambda_hat, np.array([slope]), state, hyper_step_size)
     lambda_hat[...] = new_lambda
     return float(objective), float(valid), float(slope), state
