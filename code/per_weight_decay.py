@@ -158,8 +158,42 @@ def init_alg3(problem, settings, seed, w0=None):
     if w0 is not None:
         phi[-1] = (phi[-1][0], np.array(w0, dtype=float).reshape(problem.n_weights))
     lam = np.full(problem.n_hypers, float(settings.init_lambda))
-    phi_adam = [(adam_init(W), adam_init(b)) for W, b in phi]
+    # phi and both Adam moments as views of one flat buffer each: Alg3Stepper then takes one Adam call
+    # over all hypernetwork parameters (same numbers as one call per array)
+    phi = _views_like(phi, np.concatenate([a.ravel() for layer in phi for a in layer]))
+    phi_adam = [(AdamState(mW, vW, 0), AdamState(mb, vb, 0)) for (mW, mb), (vW, vb)
+                in zip(_views_like(phi, np.zeros(_size(phi))), _views_like(phi, np.zeros(_size(phi))), strict=True)]
     return Alg3State(phi, lam, phi_adam, adam_init(lam), 0)
+
+
+def _size(pairs):
+    return sum(W.size + b.size for W, b in pairs)
+
+
+def _views_like(pairs, flat):
+    """[(W, b), ...] shaped like pairs, as consecutive views of the 1-D array flat."""
+    out, start = [], 0
+    for W, b in pairs:
+        out.append((flat[start:start + W.size].reshape(W.shape), flat[start + W.size:start + W.size + b.size]))
+        start += W.size + b.size
+    return out
+
+
+def _flat_base(arrays):
+    """The 1-D buffer of which arrays are consecutive views covering all of it, or None."""
+    base = arrays[0].base
+    if base is None or base.ndim != 1 or not base.flags.c_contiguous or base.dtype != np.float64:
+        return None
+    offset = base.__array_interface__["data"][0]
+    for a in arrays:
+        root = a.base if a.base is not None else a
+        while root.base is not None:
+            root = root.base
+        if (root is not base and a.base is not base) or a.__array_interface__["data"][0] != offset \
+                or not a.flags.c_contiguous:
+            return None
+        offset += a.nbytes
+    return base if offset == base.__array_interface__["data"][0] + base.nbytes else None
 
 
 def _hypernet_grad(problem, activation, offset=0.0):
@@ -281,11 +315,39 @@ class MLPBackprop:
         self.acts = [np.empty((batch_size, n)) for *_, n in self.layers]     # a_l (z_L for the last)
         self.deltas = [np.empty((batch_size, n)) for *_, n in self.layers]   # delta_l
         self.masks = [np.empty((batch_size, n), dtype=bool) for *_, n in self.layers[:-1]]
+        # a linear model with several weight sets: all K side by side, W_wide = [W_1 ... W_K] (D, K C),
+        # so the two products are one (B, D) x (D, K C) GEMM each way instead of K skinny ones
+        self.wide = len(self.layers) == 1 and n_sets > 1
+        if self.wide:
+            D, C = layer_sizes[0], layer_sizes[-1]
+            self.W_wide, self.G_wide = np.empty((D, n_sets * C)), np.empty((D, n_sets * C))
+            self.Z_wide = np.empty((batch_size, n_sets * C))
+
+    def _linear_wide_into(self, w, x, y, factor, out):
+        """grad_into for one layer and K > 1 sets: Z = x W_wide, delta = factor (Z + b - y) per set,
+        G_wide = x^T delta (the same sums as per set), unpacked into out."""
+        (sW, sb, D, C), = self.layers
+        K = w.shape[0]
+        for k in range(K):
+            self.W_wide[:, k * C:(k + 1) * C] = w[k, sW].reshape(D, C)
+        Z = self.Z_wide
+        np.dot(x, self.W_wide, out=Z)
+        Z3 = Z.reshape(len(x), K, C)
+        Z3 += w[:, sb]                                   # + b_k
+        Z3 -= y[:, None, :]
+        Z *= factor                                      # delta_k = factor (z_k - y)
+        np.dot(x.T, Z, out=self.G_wide)
+        for k in range(K):
+            out[k, sW].reshape(D, C)[...] = self.G_wide[:, k * C:(k + 1) * C]
+        np.sum(Z3, axis=0, out=out[:, sb])
+        return out
 
     def grad_into(self, w, x, y, scale, out):
         """out[k] = scale * d MSE(net_{w_k}(x), y) / d w_k for every k: w, out (K, P); x (B, D); y (B, C)."""
         last = len(self.layers) - 1
         factor = scale * 2.0 / (y.shape[0] * y.shape[1])  # d/dz of mean((z - y)^2) is 2 (z - y) / (B C)
+        if self.wide and w.shape[0] == self.n_sets:
+            return self._linear_wide_into(w, x, y, factor, out)
         for k in range(w.shape[0]):
             a = x
             for i, (sW, sb, m, n) in enumerate(self.layers):   # forward
@@ -394,8 +456,21 @@ class Alg3Stepper:
         """Hypernetwork buffers, sized from phi on the first call."""
         if self.grads is None:
             self.hyper, self.hyper_valid = LinearHypernet(phi, self.K), LinearHypernet(phi, 1)
-            self.grads = [(np.empty_like(W), np.empty_like(b)) for W, b in phi]
+            self.grads = _views_like(phi, np.empty(_size(phi)))
             self.scratch = np.empty(min(ADAM_BLOCK, max(max(W.size for W, _ in phi), self.lambdas.shape[1])))
+
+    def _adam(self, phi, grads, states, step_size):
+        """Adam on every hypernetwork array: one adam_inplace call over flat buffers when phi, its moments
+        and the gradients are each views of one buffer (init_alg3's layout), else one call per array."""
+        flats = [_flat_base([a for pair in tree for a in pair]) for tree in
+                 (phi, grads, [(sW.m, sb.m) for sW, sb in states], [(sW.v, sb.v) for sW, sb in states])]
+        steps = {s.step for pair in states for s in pair}
+        if all(f is not None for f in flats) and len(steps) == 1:
+            x, g, m, v = flats
+            t = adam_inplace(x, g, AdamState(m, v, steps.pop()), step_size, self.scratch).step
+            return [(AdamState(sW.m, sW.v, t), AdamState(sb.m, sb.v, t)) for sW, sb in states]
+        return [(adam_inplace(W, gW, sW, step_size, self.scratch), adam_inplace(b, gb, sb, step_size, self.scratch))
+                for (W, b), (gW, gb), (sW, sb) in zip(phi, grads, states, strict=True)]
 
     def _batch(self, x, y, rs, out_x, out_y):
         """minibatch() into buffers: rows drawn uniformly with replacement (same draws as minibatch)."""
@@ -428,9 +503,7 @@ class Alg3Stepper:
             self.d_w += self.decay_grad
             grads = self.hyper.backward(phi, self.d_w, self.grads)
             check_finite(np.sum(grads[-1][1]), inner, "hypernetwork gradient")
-            phi_adam = [(adam_inplace(W, gW, sW, s.hypernet_step, self.scratch),
-                         adam_inplace(b, gb, sb, s.hypernet_step, self.scratch))
-                        for (W, b), (gW, gb), (sW, sb) in zip(phi, grads, phi_adam, strict=True)]
+            phi_adam = self._adam(phi, grads, phi_adam, s.hypernet_step)
         self._batch(p.valid_x, p.valid_y, self.streams(step, STREAM_VALID_BATCH), self.vx, self.vy)
         w = self.hyper_valid.forward(phi, lam[None, :], s.input_offset)
         self.valid_net.grad_into(w, self.vx, self.vy, 1.0, self.d_w_valid)

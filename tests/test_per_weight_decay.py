@@ -208,11 +208,16 @@ def test_hand_written_step_equals_autograd_reference(splits, sizes, kind, algori
     assert pwd.Alg3Stepper.supports(problem, settings)
     w0 = pwd.fan_in_init(sizes, np.random.RandomState(1))
     fast, ref = pwd.init_alg3(problem, settings, 5, w0), pwd.init_alg3(problem, settings, 5, w0)
+    separate = pwd.copy_state(fast)       # its arrays are not views of one buffer: one Adam call per array
+    assert pwd._flat_base([a for pair in fast.phi for a in pair]) is not None
+    assert pwd._flat_base([a for pair in separate.phi for a in pair]) is None
     lam0 = fast.lam.copy()
     for i in range(4):
         fast = pwd.alg3_step(fast, i, problem, settings, 5)
+        separate = pwd.alg3_step(separate, i, problem, settings, 5)
         ref = pwd.alg3_step(ref, i, problem, settings, 5, reference=True)
         assert_states_close(fast, ref)
+        assert_states_close(separate, ref)
     assert np.max(np.abs(fast.lam - lam0)) > 1e-3      # lambda_hat moved: its gradient was exercised
 
 
