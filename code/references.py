@@ -154,7 +154,7 @@ def exact_hypergradient(ridge, lam, x_valid, y_valid):
 
 
 def best_response_jacobian(ridge, lam):
-    """dw*_c/dlambda_c per class: (C, D+1, D+1), entry [c, i, j] = dw_ci/dlambda_cj = -(A_c^{-1})_ij exp(lambda_cj) w_cj.
+    """dw*_c/dlambda_c per class: (C, D+1, D+1), [c, i, j] = dw_ci/dlambda_cj = -(A_c^{-1})_ij exp(lambda_cj) w_cj.
 
     The full (P, P) Jacobian in flat order is block-diagonal after the flat_to_classes permutation (a decay of
     class c moves only class c's weights). From the derivation in exact_hypergradient."""
@@ -217,7 +217,7 @@ def hypernet_hypergradient(phi, lam, settings, problem, x, y, offset=None):
     w = hypernet_weights(phi, lam[None, :] - offset, activation)
     g = grad(lambda v: problem.valid_loss(v, x, y)[0])(w)  # dL_V/dw (1, P)
     if activation is not identity:
-        return grad(lambda l: anp.sum(hypernet_weights(phi, l[None, :] - offset, activation) * g))(lam)
+        return grad(lambda lm: anp.sum(hypernet_weights(phi, lm[None, :] - offset, activation) * g))(lam)
     for W, _ in reversed(phi):
         g = g @ W.T
     return g[0]
@@ -312,7 +312,8 @@ def block_splits(data, valid_block, train_block=0, block=BLOCK, n_test=BLOCK):
             raise ValueError(f"block index {k} is negative")
         _check_sizes("training images", len(data.train_images), (k + 1) * block)
     _check_sizes("test images", len(data.test_images), n_test)
-    tr, va = slice(train_block * block, (train_block + 1) * block), slice(valid_block * block, (valid_block + 1) * block)
+    tr = slice(train_block * block, (train_block + 1) * block)
+    va = slice(valid_block * block, (valid_block + 1) * block)
     return Splits(data.train_images[tr], data.train_labels[tr], data.train_images[va], data.train_labels[va],
                   data.test_images[:n_test], data.test_labels[:n_test])
 

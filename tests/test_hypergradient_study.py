@@ -133,6 +133,7 @@ def test_data_separation(splits):
     np.testing.assert_array_equal(t.lam, base.lam)
     for (W, b), (Wt, bt), (Wv, bv) in zip(base.phi, t.phi, v.phi, strict=True):
         np.testing.assert_array_equal(Wt, W)
+        np.testing.assert_array_equal(bt, b)
         np.testing.assert_array_equal(Wv, W)
         np.testing.assert_array_equal(bv, b)
     assert not np.array_equal(v.lam, base.lam)

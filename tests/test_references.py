@@ -8,9 +8,9 @@ import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad, jacobian
+from threadpoolctl import threadpool_limits
 
 from conftest import CODE
-from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(CODE))
 
@@ -19,6 +19,7 @@ from data_loader import Splits, synthetic_mnist  # noqa: E402
 from neural_network import flatten_params, init_mlp, num_params  # noqa: E402
 from per_weight_decay import (  # noqa: E402
     Alg3Settings,
+    Budget,
     HyperProblem,
     alg3_step,
     decay_objective,
@@ -26,8 +27,8 @@ from per_weight_decay import (  # noqa: E402
     large_splits,
     mse_loss,
     run_budgeted,
-    Budget,
 )
+
 
 @pytest.fixture(autouse=True)
 def one_blas_thread():
@@ -116,7 +117,6 @@ def test_best_response_zeroes_the_training_gradient(tiny):
 
 def test_best_response_is_where_long_adam_training_ends(tiny):
     splits, ridge, lam = tiny
-    objective = lambda v: decay_objective([D, C])(v[None, :], lam[None, :], splits.train_x, splits.train_y)[0]
     w = np.zeros(P)
     # the training gradient, hand-written (linear_loss_grad is checked against autograd above): autograd's
     # overhead would dominate thousands of tiny steps
@@ -160,7 +160,7 @@ def test_exact_hypergradient_matches_autograd_through_a_solve(tiny):
 def test_exact_hypergradient_matches_finite_differences(tiny):
     splits, ridge, lam = tiny
     g, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
-    loss = lambda l: R.linear_loss(R.best_response(ridge, l), splits.valid_x, splits.valid_y)
+    loss = lambda lm: R.linear_loss(R.best_response(ridge, lm), splits.valid_x, splits.valid_y)
     h = 1e-5
     fd = np.array([(loss(lam + h * e) - loss(lam - h * e)) / (2 * h) for e in np.eye(P)])
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-11)
@@ -173,7 +173,7 @@ def class_indices(c):
 
 def test_best_response_jacobian_matches_autograd(tiny):
     splits, ridge, lam = tiny
-    J_full = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam)  # (P, P) dw/dlambda
+    J_full = jacobian(lambda lm: autograd_best_response(lm, splits.train_x, splits.train_y))(lam)  # (P, P) dw/dlambda
     blocks = R.best_response_jacobian(ridge, lam)
     off = np.ones((P, P), bool)
     for c in range(C):
@@ -185,7 +185,7 @@ def test_best_response_jacobian_matches_autograd(tiny):
 
 def test_low_rank_cosines_match_a_truncated_svd_of_the_full_jacobian(tiny):
     splits, ridge, lam = tiny
-    J_full = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam)
+    J_full = jacobian(lambda lm: autograd_best_response(lm, splits.train_x, splits.train_y))(lam)
     exact, w, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
     g = R.linear_loss_grad(w, splits.valid_x, splits.valid_y)
     U, s, Vt = np.linalg.svd(J_full)
@@ -208,7 +208,7 @@ def test_exact_hypergradient_uses_validation_data_only(tiny):
 def exact_linear_hypernet(splits, lam0):
     """A linear hypernetwork [P, P] equal to the first-order expansion of w*(lambda) at lam0 (input lambda - lam0):
     output bias w*(lam0), weight W = (dw*/dlambda)' (autograd of the dense solve), the trained optimum."""
-    J = jacobian(lambda l: autograd_best_response(l, splits.train_x, splits.train_y))(lam0)  # (P, P) dw/dlambda
+    J = jacobian(lambda lm: autograd_best_response(lm, splits.train_x, splits.train_y))(lam0)  # (P, P) dw/dlambda
     return [(J.T.copy(), autograd_best_response(lam0, splits.train_x, splits.train_y))]
 
 
@@ -230,7 +230,7 @@ def test_hypernet_hypergradient_is_jacobian_transpose_times_valid_gradient(tiny)
     np.testing.assert_allclose(got, J.T @ g_w, rtol=TOL, atol=1e-13)
     # ... and equals autograd's total derivative of L_V(w_phi(lambda)), the gradient alg3_step's lambda step uses
     from neural_network import hypernet_weights, identity
-    total = grad(lambda l: mse_loss([D, C])(hypernet_weights(phi, l[None, :] + 1.0, identity),
+    total = grad(lambda lm: mse_loss([D, C])(hypernet_weights(phi, lm[None, :] + 1.0, identity),
                                             splits.valid_x, splits.valid_y)[0])(lam)
     np.testing.assert_allclose(got, total, rtol=TOL, atol=1e-13)
 
@@ -239,7 +239,7 @@ def test_exact_hypernet_gives_the_implicit_hypergradient(tiny):
     splits, ridge, lam = tiny
     settings = Alg3Settings(hypernet_kind="linear", input_offset=0.0)
     phi = exact_linear_hypernet(splits, lam)
-    shifted = lambda l: R.hypernet_hypergradient(phi, l, settings, tiny_problem(splits), splits.valid_x,
+    shifted = lambda lm: R.hypernet_hypergradient(phi, lm, settings, tiny_problem(splits), splits.valid_x,
                                                  splits.valid_y, offset=lam)
     exact, _, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
     np.testing.assert_allclose(shifted(lam), exact, rtol=1e-8, atol=1e-14)
