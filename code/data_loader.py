@@ -10,6 +10,7 @@ import errno
 import hashlib
 import http.client
 import os
+import signal
 import stat
 import struct
 import sys
@@ -23,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from atomic_io import replace_readable
+from atomic_io import PART_PREFIX, replace_readable
 
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -32,6 +33,7 @@ MIRRORS = (
 )
 DOWNLOAD_TIMEOUT = 30.0  # seconds a mirror may stay silent (connect, or between two reads)
 DOWNLOAD_DEADLINE = 600.0  # seconds one file may take from one mirror (the largest is 9.9 MB)
+STALE_PART_SECONDS = 2 * DOWNLOAD_DEADLINE  # a partial download untouched this long was left by a killed run
 
 READ_CHUNK = 1 << 20  # bytes read, and decompressed, per step: memory stays near the expected size
 GZIP_MAGIC = b"\x1f\x8b"
@@ -277,6 +279,20 @@ def _copy_capped(response, out, spec, url):
         out.write(chunk)
 
 
+def remove_stale_parts(data_dir, spec):
+    """Delete partial downloads of spec that a killed run left (untouched for STALE_PART_SECONDS); returns them."""
+    removed, now = [], time.time()
+    for part in Path(data_dir).glob("." + spec.name + PART_PREFIX + "*"):
+        try:
+            info = part.lstat()
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > STALE_PART_SECONDS:
+                part.unlink()
+                removed.append(part)
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            pass
+    return removed
+
+
 def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
     """Fetch spec's .gz from the first mirror that serves valid content; atomic, verified before rename."""
     data_dir = Path(data_dir)
@@ -286,7 +302,8 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
         url = mirror + spec.name + ".gz"
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix="." + spec.name + ".part-", dir=data_dir)
+            remove_stale_parts(data_dir, spec)
+            fd, tmp = tempfile.mkstemp(prefix="." + spec.name + PART_PREFIX, dir=data_dir)
         except OSError as err:
             raise MNISTError(f"{spec.name}: cannot write into {data_dir} ({err.strerror or err})") from None
         try:
@@ -392,11 +409,20 @@ def scatter_splits(data, n_train=50000, n_valid=10000, n_test=10000):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that partial downloads are removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Verify (or download) the four MNIST files.")
     parser.add_argument("--data-dir", default=None, help="folder of the files (default: $MNIST_DIR or code/data)")
     args = parser.parse_args(argv)
     data_dir = resolve_data_dir(args.data_dir)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for key, spec in FILES.items():
             path = fetch_file(key, data_dir)
@@ -406,6 +432,14 @@ def main(argv=None):
     except (MNISTError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (no partial file left)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated:
+        print("error: terminated (no partial file left)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -442,3 +442,104 @@ def test_no_memory_for_the_content_is_one_line(tmp_path):
     path.write_bytes(gzip.compress(idx_images()))
     spec = dl.IdxSpec("huge", dl.IMAGES_MAGIC, 1 << 40, "")  # 862 TB of pixels
     assert read_error(path, spec) == f"huge.gz: not enough memory for its {dl.expected_size(spec)} bytes"
+
+
+# ------------------------------------------------------------- partial downloads: disk full, signals
+
+def test_stale_partial_downloads_are_removed_fresh_ones_kept(tmp_path, server):  # noqa: F811
+    base, routes, _ = server
+    raw = idx_images()
+    spec = spec_for(raw)
+    routes[f"/m/{spec.name}.gz"] = gzip.compress(raw)
+    stale = tmp_path / f".{spec.name}{dl.PART_PREFIX}killed"
+    fresh = tmp_path / f".{spec.name}{dl.PART_PREFIX}running"  # another process may be downloading right now
+    other = tmp_path / f".other-file{dl.PART_PREFIX}old"
+    for path in (stale, fresh, other):
+        path.write_bytes(b"partial")
+    old = time.time() - dl.STALE_PART_SECONDS - 10
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    dl.download(spec, tmp_path, mirrors=(base + "/m/",), timeout=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([spec.name + ".gz", fresh.name, other.name])
+
+
+class _FailingWriter:
+    """A file object whose write fails like a full disk (or raises what it is given)."""
+
+    def __init__(self, f, error):
+        self.f, self.error = f, error
+
+    def write(self, data):
+        raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+def test_failed_write_during_download_leaves_no_partial_file(tmp_path, server, monkeypatch, error):  # noqa: F811
+    base, routes, _ = server
+    raw = idx_images()
+    spec = spec_for(raw)
+    routes[f"/m/{spec.name}.gz"] = gzip.compress(raw)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(dl.os, "fdopen", lambda fd, mode: _FailingWriter(real_fdopen(fd, mode), error))
+    if isinstance(error, OSError):
+        with pytest.raises(dl.MNISTError) as err:
+            dl.download(spec, tmp_path, mirrors=(base + "/m/",), timeout=5)
+        assert "No space left on device" in str(err.value) and "\n" not in str(err.value)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            dl.download(spec, tmp_path, mirrors=(base + "/m/",), timeout=5)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum, code, word", [(15, 143, "terminated"), (2, 130, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_cli_signal_mid_download_exits_cleanly(tmp_path, monkeypatch, signum, code, word):
+    import http.server
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b"\x1f\x8b" + bytes(1000))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    code_text = ("import functools, sys, data_loader as dl; "
+                 f"dl.fetch_file = functools.partial(dl.fetch_file, mirrors=({url!r},)); "
+                 f"sys.exit(dl.main(['--data-dir', {str(tmp_path)!r}]))")
+    env = dict(os.environ, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-c", code_text], cwd=CODE, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(dl.PART_PREFIX in name for name in os.listdir(tmp_path)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == code and stderr == f"error: {word} (no partial file left)\n"
+    assert os.listdir(tmp_path) == []
