@@ -235,6 +235,18 @@ def test_hypernet_hypergradient_is_jacobian_transpose_times_valid_gradient(tiny)
     np.testing.assert_allclose(got, total, rtol=TOL, atol=1e-13)
 
 
+def test_hypernet_hypergradient_of_a_relu_hypernetwork_is_autograds(tiny):
+    splits, _, lam = tiny
+    settings = Alg3Settings(hypernet_kind="mlp", hidden=6, input_offset=0.5)
+    from neural_network import hypernet_weights, init_hypernet, relu
+    phi = init_hypernet("mlp", P, P, 1.0, np.random.RandomState(8), hidden=6)
+    got = R.hypernet_hypergradient(phi, lam, settings, tiny_problem(splits), splits.valid_x, splits.valid_y)
+    total = grad(lambda lm: mse_loss([D, C])(hypernet_weights(phi, lm[None, :] - 0.5, relu),
+                                             splits.valid_x, splits.valid_y)[0])(lam)
+    np.testing.assert_allclose(got, total, rtol=TOL, atol=1e-13)
+    assert np.abs(total).max() > 0
+
+
 def test_exact_hypernet_gives_the_implicit_hypergradient(tiny):
     splits, ridge, lam = tiny
     settings = Alg3Settings(hypernet_kind="linear", input_offset=0.0)
