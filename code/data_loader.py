@@ -328,9 +328,9 @@ def download(spec, data_dir, mirrors=MIRRORS, timeout=DOWNLOAD_TIMEOUT):
 def resolve_data_dir(data_dir=None):
     """The argument, else $MNIST_DIR, else code/data beside this module."""
     if data_dir is not None:
-        return Path(data_dir)
+        return Path(data_dir).expanduser()
     if os.environ.get("MNIST_DIR"):
-        return Path(os.environ["MNIST_DIR"])
+        return Path(os.environ["MNIST_DIR"]).expanduser()
     return DEFAULT_DATA_DIR
 
 
@@ -338,6 +338,8 @@ def fetch_file(key, data_dir=None, allow_download=True, mirrors=MIRRORS):
     """Path of a verified copy of FILES[key], downloading it when missing."""
     data_dir = resolve_data_dir(data_dir)
     spec = FILES[key]
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise MNISTError(f"{data_dir}: not a folder (the data folder must hold the four MNIST files)")
     path = find_file(data_dir, spec)
     if path is None:
         for candidate in (data_dir / (spec.name + ".gz"), data_dir / spec.name):

@@ -543,3 +543,13 @@ def test_cli_signal_mid_download_exits_cleanly(tmp_path, monkeypatch, signum, co
         httpd.server_close()
     assert proc.returncode == code and stderr == f"error: {word} (no partial file left)\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_data_dir_that_is_a_file_or_uses_tilde(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_bytes(b"")
+    monkeypatch.setattr(dl, "download", lambda *a, **k: pytest.fail("must not try to download into a file"))
+    with pytest.raises(dl.MNISTError, match=f"^{tmp_path / 'afile'}: not a folder"):
+        dl.load_mnist(tmp_path / "afile")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MNIST_DIR", "~/data")
+    assert dl.resolve_data_dir() == tmp_path / "data" and dl.resolve_data_dir("~/x") == tmp_path / "x"
