@@ -1,47 +1,208 @@
-"""compare_number_layers (Figure 5 bottom) on small synthetic data, end to end."""
+"""compare_number_layers (Figure 5 bottom): hand-written pieces against autograd and the reference stopping rule,
+data separation of the baselines, the control, claims, and end-to-end runs through common.main."""
+import dataclasses
 import json
 
+import autograd.numpy as anp
+import numpy as np
+import pytest
+from autograd import grad
+from threadpoolctl import threadpool_limits
+
+import common
 import compare_number_layers as layers
+import references
+from data_loader import small_splits
 from neural_network import num_params
+from per_weight_decay import decay_objective, fan_in_init
+
+TINY = dataclasses.replace(layers.Config(), **layers.QUICK)
+SIZES = (784, 8, 6, 10)
 
 
-class Outcome:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """As the driver runs experiments: one BLAS thread (two spin and stall on a busy 2-core machine)."""
+    with threadpool_limits(limits=1):
+        yield
 
 
-def run_script(module, *args, capsys):
-    """Run module.main in-process (faster than a subprocess) like the command line: exit status and output."""
-    from common import run_main
+def start(seed=3):
+    """Fan-in start weights with small nonzero biases (zero biases make ReLU ties, where autograd's maximum
+    splits the gradient in halves and the hand-written backprop gives 0: both are subgradients)."""
+    rs = np.random.RandomState(seed)
+    return fan_in_init(SIZES, rs) + 1e-3 * rs.randn(num_params(SIZES))
 
+
+@pytest.fixture(scope="module")
+def splits(synthetic):
+    return small_splits(synthetic, 300, 200, 200)
+
+
+def run(capsys, *argv):
     capsys.readouterr()
-    try:
-        code = run_main(module.main, ["--synthetic", *args])
-    except SystemExit as exit_:  # argparse rejections
-        code = exit_.code
+    code = common.main(layers, ["--synthetic", *argv])
     out = capsys.readouterr()
-    return Outcome(code, out.out, out.err)
+    return code, out.out, out.err
 
 
+def test_default_config_matches_the_paper_and_includes_the_start_in_the_grid():
+    config = layers.Config()
+    assert [num_params(s) for s in config.models] == [7850, 79510, 89610]
+    assert config.n_train == config.n_valid == config.n_test == 10000
+    assert config.init_lambda in config.search_lambdas
+    assert len(config.seconds) == len(config.models)
 
-def test_layers_quick_end_to_end_and_reproducible(tmp_path, capsys):
+
+def test_decay_gradient_equals_autograd():
+    rs = np.random.RandomState(0)
+    P, K = num_params(SIZES), 3
+    w, lam = 0.3 * rs.randn(K, P), rs.uniform(-6, -1, size=(K, P))
+    x, y = rs.rand(5, 784), np.eye(10)[rs.randint(10, size=5)]
+    objective = decay_objective(SIZES)
+    expected = grad(lambda w: anp.sum(objective(w, lam, x, y)))(w)
+    got = layers.DecayGradient(SIZES, K, 5)(w, 2 * np.exp(lam), x, y)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_grid_training_follows_the_reference_stopping_rule(splits):
+    """One model of the stacked grid = references.train_to_convergence with the same rule, start and minibatches."""
+    config = dataclasses.replace(TINY, step_size=3e-3, search_eval_every=10, search_patience=2, search_max_steps=200)
+    w0 = start()
+    [ours] = layers.converge_grid(SIZES, [-6.0], splits, config, w0)
+    ref = references.train_to_convergence(SIZES, -6.0, splits, seed=config.seed, step_size=config.step_size,
+                                          batch_size=config.batch_size, eval_every=10, patience=2, max_steps=200, w0=w0)
+    assert ours["step"] == ref["step"] and ours["steps"] == ref["steps"] and ours["converged"] == ref["converged"]
+    assert ours["valid"] == pytest.approx(ref["valid"], rel=1e-9)
+    assert ours["test"] == pytest.approx(ref["test"], rel=1e-9)
+
+
+def test_stacked_grid_equals_separate_runs_even_when_models_stop_at_different_times(splits):
+    config = dataclasses.replace(TINY, step_size=3e-3, search_eval_every=5, search_patience=2, search_max_steps=150)
+    w0 = start()
+    lams = [-9.0, -3.0, -1.0]
+    both = layers.converge_grid(SIZES, lams, splits, config, w0)
+    assert len({row["steps"] for row in both}) > 1  # the models did stop at different times
+    for lam, row in zip(lams, both, strict=True):
+        [alone] = layers.converge_grid(SIZES, [lam], splits, config, w0)
+        assert alone["steps"] == row["steps"] and alone["step"] == row["step"]
+        assert alone["valid"] == pytest.approx(row["valid"], rel=1e-9)
+
+
+def perturbed(splits, part, rs):
+    """A copy of splits with the images and labels of `part` ("valid" or "test") replaced by noise."""
+    changes = {f"{part}_x": rs.rand(*getattr(splits, f"{part}_x").shape),
+               f"{part}_y": np.eye(10)[rs.randint(10, size=len(getattr(splits, f"{part}_y")))]}
+    return splits._replace(**changes)
+
+
+def test_baselines_never_train_on_validation_or_test_data(splits):
+    """With one check (so the stopping rule cannot differ) the trained weights ignore validation and test data; the
+    reported test loss is the only number that depends on the test set."""
+    config = dataclasses.replace(TINY, search_eval_every=30, search_max_steps=30)
+    w0 = start()
+    rs = np.random.RandomState(5)
+    base = layers.converge_grid(SIZES, [-6.0], splits, config, w0)[0]
+    other_valid = layers.converge_grid(SIZES, [-6.0], perturbed(splits, "valid", rs), config, w0)[0]
+    other_test = layers.converge_grid(SIZES, [-6.0], perturbed(splits, "test", rs), config, w0)[0]
+    np.testing.assert_array_equal(base["weights"], other_valid["weights"])
+    np.testing.assert_array_equal(base["weights"], other_test["weights"])
+    assert base["valid"] == other_test["valid"] and base["test"] != other_test["test"]
+    # the linear model's baseline is the closed form of the training data
+    linear = layers.hand_tuned((784, 10), splits, dataclasses.replace(TINY, search_lambdas=(-7.0,)), None)
+    moved = layers.hand_tuned((784, 10), perturbed(splits, "valid", rs), dataclasses.replace(TINY, search_lambdas=(-7.0,)),
+                              None)
+    assert linear["test"] == moved["test"]
+    assert linear["valid"][0] == pytest.approx(references.fixed_lambda_reference(-7.0, splits)["valid"], rel=1e-12)
+
+
+def test_control_is_plain_training_on_the_hypernetworks_minibatches(splits):
+    """The control's step i: Adam on the decay objective at lambda_hat_0 with minibatch (seed, i, train stream)."""
+    from common import step_rng
+    from optimizers import adam_init, adam_textbook
+    from per_weight_decay import STREAM_TRAIN_BATCH, minibatch
+
+    config = dataclasses.replace(TINY, step_size=1e-3)
+    P = num_params(SIZES)
+    w0 = start(1)
+    state, step_fn, evaluate = layers.make_control(SIZES, w0, splits, config)
+    objective = decay_objective(SIZES)
+    lam = np.full((1, P), config.init_lambda)
+    g_fn = grad(lambda w, x, y: objective(w, lam, x, y)[0])
+    w, adam = w0[None].copy(), adam_init(w0[None])
+    for i in range(4):
+        state = step_fn(state, i)
+        x, y = minibatch(splits.train_x, splits.train_y, config.batch_size, step_rng(config.seed, i, STREAM_TRAIN_BATCH))
+        w, adam = adam_textbook(w, g_fn(w, x, y), adam, config.step_size)
+    valid, _ = evaluate(state)
+    assert valid == pytest.approx(layers.mse_loss(SIZES)(w, splits.valid_x, splits.valid_y)[0], rel=1e-9)
+
+
+def summary_with(hyper, control, converged_start, hand=0.02):
+    """A minimal summary for the claims: per model final valid/test, control valid, hand-tuned levels."""
+    models = {}
+    for name, h, c, s in zip(("784-10", "784-100-10", "784-100-100-10"), hyper, control, converged_start, strict=True):
+        models[name] = dict(final_valid=h, final_test=h + 0.001, control_valid_minus_final_valid=c - h,
+                            final_valid_minus_hand_tuned_valid=h - hand,
+                            hand_tuned=dict(best_valid=hand, start_lambda_valid=s))
+    return {"models": models}
+
+
+def test_claims_follow_the_numbers():
+    claims = {c.id: c for c in layers.CLAIMS}
+    # hyper-training equal to the control: nothing tuned -> refuted, whatever the other numbers
+    same = summary_with([0.04, 0.015, 0.012], [0.04, 0.015, 0.012], [0.041, 0.016, 0.013])
+    assert claims["layers-tunes-lambda"].evaluate(same)[1] == "refuted"
+    # ahead of the control but not of training to convergence at lambda_hat_0 -> not reproduced
+    faster = summary_with([0.04, 0.015, 0.012], [0.05, 0.02, 0.02], [0.039, 0.014, 0.011])
+    assert claims["layers-tunes-lambda"].evaluate(faster)[1] == "not reproduced"
+    better = summary_with([0.03, 0.010, 0.009], [0.05, 0.02, 0.02], [0.039, 0.014, 0.011])
+    assert claims["layers-tunes-lambda"].evaluate(better)[1] == "reproduced"
+    assert claims["layers-deeper-lower"].evaluate(same)[1] == "reproduced"
+    assert claims["layers-beat-hand-tuned"].evaluate(same)[1] == "reproduced"   # 0.015, 0.012 < 0.02
+    worse = summary_with([0.04, 0.025, 0.012], [0.04, 0.025, 0.012], [0.041, 0.03, 0.013])
+    assert claims["layers-beat-hand-tuned"].evaluate(worse)[1] == "partly"
+    for claim in layers.CLAIMS:
+        value, verdict = claim.evaluate(same)
+        assert verdict in common.VERDICTS
+
+
+def test_quick_end_to_end_replot_and_iters_reproducible(tmp_path, capsys):
     results = []
     for i in range(2):
-        d = tmp_path / str(i)
-        out = run_script(layers, "--quick", "--iters", "3", "--out-dir", str(d), capsys=capsys)
-        assert out.returncode == 0, out.stderr
-        results.append(json.loads((d / "results" / "compare_number_layers.json").read_text()))
+        code, _, err = run(capsys, "--quick", "--iters", "3", "--out-dir", str(tmp_path / str(i)))
+        assert code == 0, err
+        results.append(json.loads((tmp_path / str(i) / "results" / "compare_number_layers.json").read_text()))
     models = results[0]["models"]
     assert list(models) == ["784-10", "784-20-10", "784-20-20-10"]
     for name, m in models.items():
-        assert m["steps"] == 3 and m["hand_tuned"]["best_lambda"] in m["hand_tuned"]["lambdas"]
-        assert m["hand_tuned"]["best_valid"] == min(m["hand_tuned"]["valid"])
-        for key in ("final_valid", "final_test", "best_valid"):
-            assert m[key] == results[1]["models"][name][key]
-    assert isinstance(results[0]["target"]["deeper_models_below_linear_valid"], bool)
-    assert (tmp_path / "0" / "compare_number_layers.pdf").exists()
+        other = results[1]["models"][name]
+        assert m["steps"] == 3 and m["control"]["steps"] == 3 * TINY.inner_steps == m["hypernet_steps"]
+        hand = m["hand_tuned"]
+        assert hand["best_valid"] == min(hand["valid"]) and TINY.init_lambda in hand["lambdas"]
+        for key in ("final_valid", "final_test", "best_valid", "lambda_mean"):
+            assert m[key] == other[key]
+        assert m["control"]["final_valid"] == other["control"]["final_valid"]
+        assert hand == other["hand_tuned"]
+    png = tmp_path / "0" / "compare_number_layers.png"
+    assert png.exists() and (tmp_path / "0" / "compare_number_layers.pdf").exists()
+    png.unlink()
+    code, _, err = run(capsys, "--replot", "--out-dir", str(tmp_path / "0"))
+    assert code == 0, err
+    assert png.exists()
 
 
-def test_layers_default_config_matches_paper_sizes():
-    assert [num_params(s) for s in layers.Config().models] == [7850, 79510, 89610]
-    assert layers.Config().n_train == layers.Config().n_valid == layers.Config().n_test == 10000
+@pytest.mark.parametrize("argv", [["--seconds", "1,2"], ["--step-size", "0"], ["--search-lambdas", "-8,-6"],
+                                  ["--models", "784-100"], ["--n-train", str(10**12)], ["--paper-budgets", "--seconds", "1,1,1"],
+                                  ["--seconds", "1e-9,1e-9,1e-9"], ["--seed", str(2**32)]])
+def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
+    code, out, err = run(capsys, "--out-dir", str(tmp_path), *argv)
+    assert code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_divergence_stops_the_run_with_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "--quick", "--iters", "3", "--step-size", "1e6", "--out-dir", str(tmp_path))
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "diverged" in err
+    assert not (tmp_path / "results").exists()
