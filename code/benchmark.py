@@ -5,6 +5,7 @@ Rows (one call of each is "a step"):
                           factorised hypernetwork 7,850 -> 10 -> 7,850, 10 hypernetwork steps + 1 lambda step
   layers_step             the same for the deepest model of Figure 5 bottom, 784-100-100-10 (1.8M hypernet)
   unrolled_hypergradient  unrolled.unrolled_hypergradient, T = 200 inner Adam steps, full validation set
+                          (through its Gram matrix, as make_unrolled sets up; the reference reads the set)
   global_step             small_experiments.global_step, hypernetwork [1, 50, 7850], 10 samples
   local_step              small_experiments.local_step (the validation loss through the Gram matrix)
   scatter_model_step      learn_vs_true_loss_scatter.scatter_model_step, per model (64 stacked, float64)
@@ -154,12 +155,13 @@ def alg3_phases(layer_sizes, hidden, inner_steps, n_samples, batch, valid_batch)
     return inner * inner_steps + outer
 
 
-def unrolled_phases(steps, batch, D, C, n_valid):
+def unrolled_phases(steps, batch, D, C):
     """Phases of the unrolled hypergradient: per inner step two (B, D) x (D, C)-sized products forward and two
-    backward, the batch read each way, the trajectory (w, g, m, v) written then read; the validation set."""
+    backward, the batch read each way, the trajectory (w, g, m, v) written then read; the validation loss
+    and its gradient through the (D+1, D+1) Gram matrix (formed once per run, not counted)."""
     P = D * C + C
     step = (4 * batch * D * C, F8 * (batch * D + 4 * P))
-    return [step] * (2 * steps) + [(4 * n_valid * D * C, F8 * 2 * n_valid * D)]
+    return [step] * (2 * steps) + [(2 * (D + 1) ** 2 * C, F8 * (D + 1) ** 2)]
 
 
 # ------------------------------------------------------------------------------------------ hot loops
@@ -198,11 +200,11 @@ def unrolled_loop(splits, config):
     w0 = ur.initial_weights(D, C, 1e-3, config.seed)
     lam = np.full(w0.size, -7.0)
     vx, vy = splits.valid_x, splits.valid_y
-    ws = ur.Workspace(T, D, C, len(vx), config.batch_size)
+    ws = ur.Workspace(T, D, C, len(vx), config.batch_size).use_gram(vx, vy)   # as make_unrolled: fixed set
     fast = lambda: ur.unrolled_hypergradient(lam, w0, bx, by, vx, vy, "adam", 1e-3, ws)
     reference = lambda: ur.unrolled_hypergradient_autograd(lam, w0, bx, by, vx, vy, "adam", 1e-3)
     return HotLoop("unrolled_hypergradient", fast, reference,
-                   unrolled_phases(T, config.batch_size, D, C, len(vx)))
+                   unrolled_phases(T, config.batch_size, D, C))
 
 
 def small_loops(data, config):

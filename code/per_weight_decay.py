@@ -9,12 +9,17 @@ hypernetwork jointly with its hyperparameters). The public API:
 * `mse_loss(layer_sizes)`                     plain MSE of flat weights, the validation / test loss.
 * `HyperProblem`, `Alg3Settings`              what to optimise and how (Algorithm 3 "joint" or 4 "simplified").
 * `init_alg3(problem, settings, seed)`        -> Alg3State (hypernetwork, lambda_hat, both Adam states).
-* `alg3_step(state, step, problem, settings, seed)` -> Alg3State: one hyperparameter step (see below).
+* `alg3_step(state, step, problem, settings, seed, reference=False)` -> Alg3State: one hyperparameter
+                                              step; hand-written gradients (Alg3Stepper) for decay_objective /
+                                              mse_loss problems with linear or factorised hypernetworks, else
+                                              (and with reference=True) `alg3_step_reference`, the autograd path.
 * `current_weights(state, settings)`          the hypernetwork's elementary weights at lambda_hat, (1, P).
-* `Budget`, `run_budgeted(...)`               the timed loop: step until `seconds` or `iters` runs out,
-                                              evaluate every `eval_every` steps, evaluation time excluded.
+* `StepStreams(seed)(step, *keys)`            common.step_rng's numbers from one reseeded RandomState.
+* `Budget`, `run_budgeted(...)`               the timed loop: step until `seconds` (CPU seconds of this
+                                              process) or `iters` runs out, evaluate every `eval_every` steps,
+                                              evaluation time excluded; Curve.wall_seconds records wall time.
 * `BudgetedRun`, `run_interleaved(runs, s)`   the same loop, resumable; several methods in alternating
-                                              slices of s seconds so they share the machine's load.
+                                              slices of s CPU seconds.
 * `time_to_reach(curve, level)`               first method time at which the validation loss <= level.
 
 Splits (`large_splits`): train = MNIST training images 0..9,999, valid = training images 10,000..19,999,

@@ -17,6 +17,7 @@ Usage (hypernets_local_large.py):
     bx, by = unrolled.unrolled_schedule(train_x, train_y, steps, batch_size, seed)      # (T,B,D), (T,B,C)
     w0 = unrolled.initial_weights(D, C, init_scale, seed)                               # (P,)
     ws = unrolled.Workspace(steps, D, C, len(valid_x))
+    ws.use_gram(valid_x, valid_y)     # optional, for a fixed validation set: the loss through its Gram matrix
     value, g = unrolled.unrolled_hypergradient(lam, w0, bx, by, valid_x, valid_y, "adam", 1e-3, ws)
     value, g = unrolled.unrolled_hypergradient_autograd(lam, w0, bx, by, valid_x, valid_y, "adam", 1e-3)
     w_T = unrolled.unrolled_train(lam, w0, bx, by, "adam", 1e-3)      # autograd-traceable forward
@@ -33,6 +34,7 @@ from optimizers import AdamConfig, adam_init, adam_inplace, adam_step_differenti
 
 STREAM_UNROLL_SCHEDULE, STREAM_UNROLL_VALID = 11, 12  # step_rng streams of the baseline (as before the move)
 INNER = ("adam", "sgd")
+GRAM_CHUNK = 2000  # validation rows per block when forming the Gram matrix
 B1, B2, EPS = AdamConfig.b1, AdamConfig.b2, AdamConfig.eps  # inner Adam: Kingma & Ba defaults
 
 
@@ -103,7 +105,7 @@ def unrolled_hypergradient_autograd(lam, w0, batches_x, batches_y, valid_x, vali
 
 class Workspace:
     """Preallocated buffers of unrolled_hypergradient: the trajectory of T inner steps (T+1 weights,
-    T gradients, first and second moments; 4 x T x P float64) and per-step scratch."""
+    T gradients, two Adam coefficients per step; 4 x T x P float64) and per-step scratch."""
 
     def __init__(self, steps, n_inputs, n_outputs, n_valid, batch_size=None):
         D, C = n_inputs, n_outputs
@@ -111,13 +113,35 @@ class Workspace:
         self.shape = (steps, D, C, n_valid)
         self.w = np.empty((steps + 1, P))   # w[t] = weights before inner step t + 1; w[T] = w_T
         self.g = np.empty((steps, P))       # g[t] = gradient of inner step t + 1
-        self.m = np.empty((steps, P))       # moments after inner step t + 1 (Adam)
-        self.v = np.empty((steps, P))
+        self.coef_m = np.empty((steps, P))  # Adam: A_t = dw_t/dm_t = -(a / c1) / d_t
+        self.coef_v = np.empty((steps, P))  # Adam: Q_t = 2 (1 - b2) dw_t/dv_t (see unrolled_hypergradient)
+        self.m_run, self.v_run = np.empty(P), np.empty(P)   # the moments of the current inner step
         self.tmp, self.tmp2, self.tmp3, self.hv = (np.empty(P) for _ in range(4))
         self.decay2 = np.empty(P)           # 2 exp(lambda)
         self.w_bar, self.m_bar, self.v_bar, self.g_bar, self.lam_bar = (np.empty(P) for _ in range(5))
         self.residual = None if batch_size is None else np.empty((batch_size, C))
         self.valid_residual = np.empty((n_valid, C))
+        self._gram = self.gram_product = None
+
+    def use_gram(self, valid_x, valid_y):
+        """Compute and keep the Gram statistics (S = X_a^T X_a (D+1, D+1), Q = X_a^T y_v (D+1, C), yy) of a
+        FIXED validation set X_a = [valid_x, 1]; later calls with these very arrays (identity; the workspace
+        holds them, and they must not be changed in place) take the validation loss through them."""
+        N, D = valid_x.shape
+        S, Q = np.zeros((D + 1, D + 1)), np.zeros((D + 1, valid_y.shape[1]))
+        for start in range(0, N, GRAM_CHUNK):            # X_a in chunks: no (N, D+1) copy of the set
+            rows = slice(start, start + GRAM_CHUNK)
+            xa = np.hstack([valid_x[rows], np.ones((len(valid_x[rows]), 1))])
+            S += xa.T @ xa
+            Q += xa.T @ valid_y[rows]
+        self._gram = (valid_x, valid_y, S, Q, float(np.vdot(valid_y, valid_y)))
+        self.gram_product = np.empty_like(Q)
+        return self
+
+    def gram_for(self, valid_x, valid_y):
+        """(S, Q, yy) if use_gram was given these arrays, else None."""
+        g = self._gram
+        return g[2:] if g is not None and g[0] is valid_x and g[1] is valid_y else None
 
     def fits(self, steps, n_inputs, n_outputs, n_valid):
         return self.shape == (steps, n_inputs, n_outputs, n_valid)
@@ -146,7 +170,7 @@ def _forward(lam, w0, batches_x, batches_y, inner, inner_step, ws):
     C = batches_y.shape[2]
     a, adam = inner_step, inner == "adam"
     DC, factor = D * C, 2.0 / (B * C)
-    e, tmp, tmp2, r = ws.decay2, ws.tmp, ws.tmp2, ws.residual
+    e, tmp, tmp2, tmp3, r = ws.decay2, ws.tmp, ws.tmp2, ws.tmp3, ws.residual
     np.exp(lam, out=e)
     e *= 2.0
     ws.w[0] = w0
@@ -163,23 +187,27 @@ def _forward(lam, w0, batches_x, batches_y, inner, inner_step, ws):
             np.multiply(g, a, out=tmp)
             np.subtract(w, tmp, out=ws.w[t + 1])
             continue
-        m, v = ws.m[t], ws.v[t]
-        c1, c2 = 1.0 - B1 ** (t + 1), 1.0 - B2 ** (t + 1)
-        np.multiply(g, 1.0 - B1, out=m)                  # m_t = b1 m_{t-1} + (1 - b1) g_t
-        np.multiply(g, g, out=v)                         # v_t = b2 v_{t-1} + (1 - b2) g_t^2
-        v *= 1.0 - B2
-        if t > 0:
-            np.multiply(ws.m[t - 1], B1, out=tmp)
-            m += tmp
-            np.multiply(ws.v[t - 1], B2, out=tmp)
-            v += tmp
-        np.divide(v, c2, out=tmp)                        # d_t = sqrt(v_t / c2) + eps
-        np.sqrt(tmp, out=tmp)
-        tmp += EPS
-        np.divide(m, c1, out=tmp2)                       # w_t = w_{t-1} - a (m_t / c1) / d_t
-        tmp2 *= a
-        tmp2 /= tmp
-        np.subtract(w, tmp2, out=ws.w[t + 1])
+        m, v, c1, c2 = ws.m_run, ws.v_run, 1.0 - B1 ** (t + 1), 1.0 - B2 ** (t + 1)
+        if t == 0:
+            m[:] = 0.0
+            v[:] = 0.0
+        m *= B1                                          # m_t = b1 m_{t-1} + (1 - b1) g_t
+        np.multiply(g, 1.0 - B1, out=tmp)
+        m += tmp
+        v *= B2                                          # v_t = b2 v_{t-1} + (1 - b2) g_t^2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1.0 - B2
+        v += tmp
+        np.divide(v, c2, out=tmp3)                       # s_t = sqrt(v_t / c2)
+        np.sqrt(tmp3, out=tmp3)
+        np.add(tmp3, EPS, out=tmp2)                      # d_t = s_t + eps
+        A, Q = ws.coef_m[t], ws.coef_v[t]
+        np.divide(-a / c1, tmp2, out=A)                  # A_t = -(a / c1) / d_t
+        np.multiply(m, A, out=tmp)                       # u_t = A_t m_t = -a (m_t / c1) / d_t
+        np.add(w, tmp, out=ws.w[t + 1])                  # w_t = w_{t-1} + u_t
+        tmp3 *= tmp2                                     # Q_t = u_t / (d_t s_t) * (-(1 - b2) / c2)
+        np.divide(tmp, tmp3, out=Q)
+        Q *= -(1.0 - B2) / c2
     return ws.w[T]
 
 
@@ -189,6 +217,37 @@ def unrolled_weights(lam, w0, batches_x, batches_y, inner="adam", inner_step=1e-
     T, B, D = batches_x.shape
     ws = _workspace_for(workspace, T, D, batches_y.shape[2], 0 if workspace is None else workspace.shape[3], B)
     return _forward(lam, w0, batches_x, batches_y, inner, inner_step, ws).copy()
+
+
+def _valid_loss_and_grad(ws, w, valid_x, valid_y, out):
+    """L = MSE(x_v W + b, y_v) of flat w (P,) and dL/dw written into out (P,); returns L.
+
+    For a fixed validation set given to ws.use_gram, through the Gram matrix of the augmented inputs
+    X_a = [x_v, 1] (N, D+1): with M = [W; b] (D+1, C) (the flat layout reshaped), S = X_a^T X_a,
+    Q = X_a^T y_v, yy = sum y_v^2,
+        sum (X_a M - y_v)^2 = <M, S M> - 2 <M, Q> + yy,     dL/dM = 2 (S M - Q) / (N C),
+    the same numbers up to rounding for (D+1)^2 C instead of 2 N (D+1) C multiply-adds per call."""
+    N, D = valid_x.shape
+    C = valid_y.shape[1]
+    gram = ws.gram_for(valid_x, valid_y)
+    if gram is None:                                     # direct: residual r = X_a M - y_v
+        if ws.valid_residual.shape != (N, C):
+            ws.valid_residual = np.empty((N, C))
+        rv = ws.valid_residual
+        np.dot(valid_x, w[:D * C].reshape(D, C), out=rv)
+        rv += w[D * C:]
+        rv -= valid_y
+        value = float(np.vdot(rv, rv)) / (N * C)
+        rv *= 2.0 / (N * C)
+        _data_grad_into(valid_x, rv, out, D, C)
+        return value
+    S, Q, yy = gram
+    M, SM = w.reshape(D + 1, C), ws.gram_product
+    np.dot(S, M, out=SM)
+    value = (float(np.vdot(M, SM)) - 2.0 * float(np.vdot(M, Q)) + yy) / (N * C)
+    SM -= Q
+    np.multiply(SM.reshape(-1), 2.0 / (N * C), out=out)
+    return value
 
 
 def unrolled_hypergradient(lam, w0, batches_x, batches_y, valid_x, valid_y, inner="adam", inner_step=1e-3,
@@ -204,10 +263,13 @@ def unrolled_hypergradient(lam, w0, batches_x, batches_y, valid_x, valid_y, inne
         SGD:   w_t = w_{t-1} - a g_t
     Reverse, with adjoints w_bar = dL/dw_t, m_bar = dL/dm_t, v_bar = dL/dv_t (from later steps) and
     w_bar_T = dL/dw_T, m_bar = v_bar = 0, for t = T..1 (all products elementwise):
-        Adam:  dw_t/dm_t = -a / (c1 d_t);   dw_t/dv_t = (a m_t / c1) / d_t^2 * 1 / (2 s_t c2)   (d s/dv)
-               m_bar += w_bar * (-a / (c1 d_t));   v_bar += w_bar * a m_t / (2 c1 c2 d_t^2 s_t)
+        Adam:  dw_t/dm_t = -a / (c1 d_t) = A_t;   dw_t/dv_t = (a m_t / c1) / d_t^2 * 1 / (2 s_t c2)   (d s/dv)
+               m_bar += w_bar * A_t;   v_bar += w_bar * a m_t / (2 c1 c2 d_t^2 s_t)
                g_bar  = (1 - b1) m_bar + 2 (1 - b2) g_t v_bar      (m_t and v_t depend on g_t)
                m_bar *= b1;  v_bar *= b2                         (m_t -> m_{t-1}, v_t -> v_{t-1})
+           Stored by the forward: A_t and Q_t = 2 (1 - b2) dw_t/dv_t = (1 - b2) a m_t / (c1 c2 d_t^2 s_t)
+           = u_t / (d_t s_t) * (-(1 - b2) / c2) with the update u_t = A_t m_t; the reverse carries
+           2 (1 - b2) v_bar, so that v_bar += w_bar Q_t and g_bar = (1 - b1) m_bar + g_t v_bar.
         SGD:   g_bar  = -a w_bar
         then   w_bar += H_t g_bar + e g_bar                       (g_t depends on w_{t-1}; H_t symmetric)
                lambda_bar += e * w_{t-1} * g_bar                  (d g_t / d lambda = e w_{t-1})
@@ -219,37 +281,21 @@ def unrolled_hypergradient(lam, w0, batches_x, batches_y, valid_x, valid_y, inne
     ws = _workspace_for(workspace, T, D, C, N, B)
     a, adam = inner_step, inner == "adam"
     DC, factor = D * C, 2.0 / (B * C)
-    e, tmp, tmp2, tmp3, hv, r = ws.decay2, ws.tmp, ws.tmp2, ws.tmp3, ws.hv, ws.residual
+    e, tmp, hv, r = ws.decay2, ws.tmp, ws.hv, ws.residual
     _forward(lam, w0, batches_x, batches_y, inner, inner_step, ws)
-    w_T, rv = ws.w[T], ws.valid_residual                 # ---- validation loss and dL/dw_T
-    np.dot(valid_x, w_T[:DC].reshape(D, C), out=rv)
-    rv += w_T[DC:]
-    rv -= valid_y
-    value = float(np.vdot(rv, rv)) / (N * C)
-    rv *= 2.0 / (N * C)
+    value = _valid_loss_and_grad(ws, ws.w[T], valid_x, valid_y, ws.w_bar)   # ---- L and dL/dw_T
     w_bar, m_bar, v_bar, g_bar, lam_bar = ws.w_bar, ws.m_bar, ws.v_bar, ws.g_bar, ws.lam_bar
-    _data_grad_into(valid_x, rv, w_bar, D, C)
     m_bar[:] = 0.0
     v_bar[:] = 0.0
     lam_bar[:] = 0.0
     for t in range(T - 1, -1, -1):                       # ---- reverse
-        if adam:
-            c1, c2 = 1.0 - B1 ** (t + 1), 1.0 - B2 ** (t + 1)
-            np.divide(ws.v[t], c2, out=tmp3)             # s_t = sqrt(v_t / c2)
-            np.sqrt(tmp3, out=tmp3)
-            np.add(tmp3, EPS, out=tmp2)                  # d_t = s_t + eps
-            np.divide(w_bar, tmp2, out=tmp)              # m_bar += w_bar * (-a / c1) / d_t
-            tmp *= -a / c1
+        if adam:                                         # v_bar holds 2 (1 - b2) dL/dv_t
+            np.multiply(w_bar, ws.coef_m[t], out=tmp)    # m_bar += w_bar A_t
             m_bar += tmp
-            np.multiply(w_bar, ws.m[t], out=tmp)         # v_bar += w_bar m_t a / (2 c1 c2) / (d_t^2 s_t)
-            tmp /= tmp2
-            tmp /= tmp2
-            tmp /= tmp3
-            tmp *= a / (2.0 * c1 * c2)
+            np.multiply(w_bar, ws.coef_v[t], out=tmp)    # v_bar += w_bar Q_t
             v_bar += tmp
-            np.multiply(m_bar, 1.0 - B1, out=g_bar)      # g_bar = (1 - b1) m_bar + 2 (1 - b2) g_t v_bar
-            np.multiply(ws.g[t], v_bar, out=tmp)
-            tmp *= 2.0 * (1.0 - B2)
+            np.multiply(ws.g[t], v_bar, out=g_bar)       # g_bar = (1 - b1) m_bar + g_t v_bar
+            np.multiply(m_bar, 1.0 - B1, out=tmp)
             g_bar += tmp
             m_bar *= B1
             v_bar *= B2
@@ -291,6 +337,8 @@ def make_unrolled(splits, config, reference=False):
                                              config.batch_size, config.seed)
     n_valid = config.unroll_valid_batch or len(splits.valid_x)
     workspace = Workspace(config.unroll_steps, D, C, n_valid, config.batch_size)
+    if not config.unroll_valid_batch and len(splits.valid_x) > D + 1:
+        workspace.use_gram(splits.valid_x, splits.valid_y)   # the full validation set, fixed: its Gram matrix
     scratch = np.empty(w0.size)
     valid_x, valid_y = splits.valid_x, splits.valid_y     # the schedule holds the training rows it needs
 

@@ -41,8 +41,8 @@ def test_flop_models():
     assert flops == 2 * 4 * 100 * 784 * 10            # z and dW, no delta for the first layer
     flops, _ = bm.mlp_phase((784, 100, 10), 1, 100)
     assert flops == 4 * 100 * 784 * 100 + 6 * 100 * 100 * 10
-    phases = bm.unrolled_phases(200, 100, 784, 10, 10000)
-    assert len(phases) == 401 and sum(f for f, _ in phases) == 1600 * 100 * 7840 + 4 * 10000 * 7840
+    phases = bm.unrolled_phases(200, 100, 784, 10)
+    assert len(phases) == 401 and sum(f for f, _ in phases) == 1600 * 100 * 7840 + 2 * 785 ** 2 * 10
 
 
 def test_table_marks_missed_targets():

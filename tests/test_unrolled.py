@@ -152,3 +152,22 @@ def test_schedule_is_the_documented_stream(synthetic):
     bx, by = ur.unrolled_schedule(x, y, 3, 4, seed=9)
     idx = step_rng(9, 0, ur.STREAM_UNROLL_SCHEDULE).randint(0, 50, size=(3, 4))
     assert np.array_equal(bx, x[idx]) and np.array_equal(by, y[idx])
+
+
+def test_validation_through_the_gram_matrix_equals_autograd():
+    """More validation rows than inputs + 1: the loss and dL/dw_T go through the cached Gram matrix."""
+    lam, w0, bx, by, _, _ = tiny(5)
+    rs = np.random.RandomState(6)
+    vx, vy = rs.randn(40, D), rs.randn(40, C)
+    ws = ur.Workspace(T, D, C, 40, B).use_gram(vx, vy)
+    for _ in range(2):
+        value, g = ur.unrolled_hypergradient(lam, w0, bx, by, vx, vy, "adam", 1e-2, ws)
+        ref_value, ref_g = ur.unrolled_hypergradient_autograd(lam, w0, bx, by, vx, vy, "adam", 1e-2)
+        assert value == pytest.approx(ref_value, rel=1e-12)
+        np.testing.assert_allclose(g, ref_g, rtol=1e-9, atol=1e-9 * np.max(np.abs(ref_g)))
+    assert ws.gram_for(vx, vy) is not None
+    vx2 = vx + 1.0                                       # another validation set: the direct path
+    assert ws.gram_for(vx2, vy) is None
+    value, _ = ur.unrolled_hypergradient(lam, w0, bx, by, vx2, vy, "adam", 1e-2, ws)
+    assert value == pytest.approx(ur.unrolled_hypergradient_autograd(lam, w0, bx, by, vx2, vy, "adam", 1e-2)[0],
+                                  rel=1e-12)
