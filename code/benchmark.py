@@ -366,6 +366,8 @@ def main(argv=None):
     from data_loader import load_mnist, synthetic_mnist
 
     data = synthetic_mnist(n_train=max(2 * config.n_train + 100, 2000)) if args.synthetic else load_mnist(args.data_dir)
+    import scipy.linalg.blas  # noqa: F401  (scatter_model_step's BLAS: loaded first, so the limit covers it)
+
     with threadpool_limits(limits=1), np.errstate(over="ignore", invalid="ignore"):
         loops = build_loops(args.only or NAMES, data, config)
         rows, machine = measure(loops, config, repeats)
