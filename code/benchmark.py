@@ -63,14 +63,13 @@ TINY = dict(deep_layers=(784, 20, 20, 10), inner_steps=2, n_train=300, unroll_st
 
 class HotLoop(NamedTuple):
     """One row: fast() and reference() each take one step (on their own state); phases [(FLOPs, bytes)];
-    per: the step count one call stands for (scatter: the models of the stack); note: shown in the table."""
+    per: the step count one call stands for (scatter: the models of the stack)."""
 
     name: str
     fast: Callable
     reference: Callable
     phases: list
     per: int = 1
-    note: str = ""
 
 
 # ------------------------------------------------------------------------------------------ machine
@@ -166,7 +165,7 @@ def unrolled_phases(steps, batch, D, C):
 
 # ------------------------------------------------------------------------------------------ hot loops
 
-def large_like(name, splits, layer_sizes, config, note=""):
+def large_like(name, splits, layer_sizes, config):
     """large_step / layers_step: alg3_step, hand-written against the reference, same settings."""
     import per_weight_decay as pwd
     from neural_network import num_params
@@ -189,7 +188,7 @@ def large_like(name, splits, layer_sizes, config, note=""):
         return step
     phases = alg3_phases(layer_sizes, config.hidden, config.inner_steps, settings.n_samples, config.batch_size,
                          config.batch_size)
-    return HotLoop(name, stepper(False), stepper(True), phases, note=note)
+    return HotLoop(name, stepper(False), stepper(True), phases)
 
 
 def unrolled_loop(splits, config):
