@@ -1,5 +1,4 @@
-"""7,850 hyperparameters: hyper-training versus unrolled differentiation, with exact diagnostics (SPEC sections 7
-and 9, Figure 5 top).
+"""7,850 per-weight decays: hyper-training vs unrolled differentiation, with exact diagnostics (SPEC 7, 9; Fig. 5 top).
 
 One L2 decay exp(lambda_j) w_j^2 per weight and bias of the linear 784-10 model, plain MSE; train = block 0 of
 MNIST's training set, valid = block --valid-block (10,000 images each), test = the 10,000 test images. Each method
@@ -20,7 +19,7 @@ training at the starting decay reaches), the cosine between each method's hyperg
 ||lambda - lambda_0|| over the run and over the weights. The published-style figure keeps the paper's two methods
 and gains the reference as a thin line; `hypernets_local_large_diagnostics` shows the rest.
 
-    python hypernets_local_large.py [--seconds 60] [--iters N] [--valid-block 1] [--paper-budgets] [--quick]
+    python hypernets_local_large.py [--seconds 75] [--iters N] [--valid-block 1] [--paper-budgets] [--quick]
 """
 import os
 import sys
@@ -55,7 +54,8 @@ N_PIXELS, N_CLASSES = LAYERS
 METHODS = ("hyper", "unrolled", "exact")
 MNIST_TRAIN_IMAGES = 60000  # SPEC section 1
 PAPER_SECONDS = 1000.0    # the paper's runtime axis (SPEC section 7: runs of 300 to 1,200 s of CPU time)
-DEFAULT_SECONDS = 60.0    # our default: fits the whole script in ~4 min on the idle 2-core machine (issue 13)
+DEFAULT_SECONDS = 75.0    # our default: the whole script in ~4 min on the idle 2-core machine (issue 13), and
+# more steps per method than the committed 240-wall-second run even on the busy machine (hyper ~33 ms a step)
 PAPER_BUDGETS = os.environ.get("PAPER_BUDGETS", "") == "1"
 COMMITTED_STEPS = {"hyper": 1833, "unrolled": 174}  # steps of the last run with wall-clock budgets (240 s)
 
@@ -110,20 +110,21 @@ class Config:
     unroll_outer_step: float = setting(0.2, lo=0, lo_open=True)   # Adam step size on lambda (outer; our choice)
     unroll_init_scale: float = setting(1e-3, lo=0)       # fixed elementary init w0 = scale * N(0, 1) (our choice)
     unroll_valid_batch: int = setting(0, lo=0)           # validation points per hypergradient; 0 = all
-    unroll_eval_every: int = setting(2, lo=1)            # outer steps between evaluations
+    unroll_eval_every: int = setting(5, lo=1)            # outer steps between evaluations
     unroll_log_every: int = setting(10, lo=1)            # outer steps between progress lines
     # exact-hypergradient descent (companion figure)
     exact_step: float = setting(refs.EXACT_STEP, lo=0, lo_open=True)  # Adam step size on lambda (our choice,
     # like the unrolled outer step)
-    exact_eval_every: int = setting(1, lo=1)             # steps between evaluations
+    exact_eval_every: int = setting(5, lo=1)             # steps between evaluations (each costs about a step)
     # diagnostics (off every method's clock)
     diag_every: int = setting(100, lo=1)                 # hyper-training steps between hypergradient cosines
-    unroll_diag_every: int = setting(10, lo=1)           # unrolled outer steps between hypergradient cosines
-    exact_diag_every: int = setting(5, lo=1)             # exact-descent steps between diagnostics
+    unroll_diag_every: int = setting(25, lo=1)           # unrolled outer steps between hypergradient cosines
+    exact_diag_every: int = setting(10, lo=1)            # exact-descent steps between diagnostics
 
 
 QUICK = dict(seconds=1.0, slice_seconds=1.0, block=500, n_test=500, eval_every=5, log_every=20, diag_every=10,
-             unroll_steps=10, unroll_eval_every=1, unroll_log_every=5, unroll_diag_every=2, exact_diag_every=2)
+             unroll_steps=10, unroll_eval_every=1, unroll_log_every=5, unroll_diag_every=2, exact_eval_every=1,
+             exact_diag_every=2)
 
 
 def validate(config):
@@ -556,8 +557,9 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     ax.legend(frameon=False, fontsize=11)
     ax = axes[0, 1]
     for m in METHODS:
-        shift = np.maximum(arrays[f"{m}_lambda_shift"], 1e-12)
-        ax.plot(arrays[f"{m}_diag_seconds"], shift, "o-", ms=3, color=colours[m], label=METHOD_NAMES[m])
+        moved = arrays[f"{m}_lambda_shift"] > 0  # lambda_0 itself has no place on a log axis
+        ax.plot(arrays[f"{m}_diag_seconds"][moved], arrays[f"{m}_lambda_shift"][moved], "o-", ms=3, color=colours[m],
+                label=METHOD_NAMES[m])
     ax.set_yscale("log")
     ax.set_xlabel("CPU seconds")
     ax.set_ylabel(r"$\|\lambda - \lambda_0\|_2$")

@@ -1,5 +1,6 @@
-"""Appendix, left panel: 7,850 per-weight decays, hyper-training against random search (SPEC section 7, "Appendix,
-left panel"; reference figure hypernets_local_large_appendix.png).
+"""Appendix, left panel: 7,850 per-weight decays, hyper-training against random search (SPEC section 7).
+
+Reference figure: hypernets_local_large_appendix.png ("Optimizing 7,850 hyperparameters", NIPS-version appendix).
 
 The problem is that of Figure 5 top (hypernets_local_large): one decay exp(lambda_j) w_j^2 per weight and bias of
 the linear 784-10 model, train = block 0 of MNIST's training set, valid = block --valid-block, test = the 10,000
@@ -301,7 +302,8 @@ def plot(summary, arrays, out_dir):
     for split in ("valid", "test"):
         for method in ("random", "hyper"):
             ax.plot(arrays[f"{method}_seconds"], nll(arrays[f"{method}_{split}"]), STYLES[method],
-                    color=large.COLORS[split], linewidth=1.2, label=LABELS[(method, split)])
+                    color=large.COLORS[split], linewidth=1.2, label=LABELS[(method, split)],
+                    drawstyle="steps-post" if method == "random" else "default")  # best so far: a step
     large.draw_reference(ax, summary, scale=nll)
     settled = [nll(arrays[f"{m}_{s}"][len(arrays[f"{m}_{s}"]) // 20:]) for m in METHODS for s in ("valid", "test")]
     low = min(min(a.min() for a in settled), nll(summary["reference"]["test"]))
