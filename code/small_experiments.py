@@ -17,7 +17,7 @@ import numpy as np
 from autograd import value_and_grad
 
 from common import check_finite
-from data_loader import Splits, load_mnist, small_splits, synthetic_mnist
+from data_loader import Splits, small_splits
 from neural_network import (
     LOG_SIGMA_CONST,
     flatten_params,
@@ -39,13 +39,6 @@ SYNTHETIC_SPLIT = dict(n_train=10, n_valid=1000, n_test=500)
 
 
 # ------------------------------------------------------------------------------------------- data
-
-def load_small_splits(data_dir=None, synthetic=False):
-    """Train (10) / valid (10,000) / test (10,000) splits of SPEC section 1, images augmented to (N, 785).
-
-    synthetic=True uses the small stand-in of data_loader (tests only), with a 1,000-image validation set."""
-    return splits_of(synthetic_mnist() if synthetic else load_mnist(data_dir))
-
 
 def splits_of(data):
     """The small splits of loaded data (data_loader.MNIST), augmented: SPEC sizes for MNIST; for the synthetic
@@ -434,11 +427,6 @@ def local_flat_params(hyper_params):
     """[(a (1, 7850), c (7850,))] -> flat (15700,) float64 (a copy)."""
     (a, c), = hyper_params
     return np.concatenate([np.ravel(a), np.ravel(c)]).astype(float)
-
-
-def local_params_list(flat):
-    """Flat (15700,) -> [(a (1, 7850), c (7850,))] as views."""
-    return [(flat[:N_WEIGHTS].reshape(1, N_WEIGHTS), flat[N_WEIGHTS:])]
 
 
 def local_step_reference(problem, params, lambda_hat, state, lambdas, hypernet_step_size, hyper_step_size):
