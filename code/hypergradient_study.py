@@ -374,7 +374,8 @@ def tunes(s):
 
 GAIN_LINTHRESH = 1e-4  # panel (c): linear within +-1e-4 MSE, logarithmic beyond
 COLORS = ("k", "tab:red", "tab:orange", "tab:olive", "tab:green", "tab:cyan", "tab:blue", "tab:purple",
-          "tab:pink", "tab:brown", "tab:gray")
+          "tab:pink", "tab:brown", "tab:gray", "gold")
+DLAMBDA_FLOOR = 1e-6  # panel (b): |dlambda| below this (decays of always-zero pixels) drawn at this value
 
 
 def plot(summary, arrays, out_dir):
@@ -403,8 +404,8 @@ def plot(summary, arrays, out_dir):
     ax.set_title("(a) direction of hyper-training's lambda step")
     ax.legend(fontsize=7, frameon=False, loc="lower left", ncol=3)
     ax = axes[1]
-    data = [np.maximum(np.abs(arrays[f"{name}_dlambda"]), 1e-12) for name in names] + \
-        [np.maximum(np.abs(arrays["exact_dlambda"]), 1e-12)]
+    data = [np.maximum(np.abs(arrays[f"{name}_dlambda"]), DLAMBDA_FLOOR) for name in names] + \
+        [np.maximum(np.abs(arrays["exact_dlambda"]), DLAMBDA_FLOOR)]
     ax.boxplot(data, orientation="horizontal", whis=(5, 95), showfliers=False)
     ax.set_yticks(range(1, len(data) + 1), names + ["exact descent"], fontsize=8)
     ax.set_xscale("log")
@@ -443,22 +444,28 @@ def ordered(variants):
     return sorted(variants, key=lambda n: (rank.get(n, len(rank)), n))
 
 
+GAIN_UNIT = 1e-4  # the table's gains are in units of 1e-4 MSE
+
+
 def table_tex(summary):
-    """LaTeX tabular: one row per variant, then exact descent and the reference."""
-    lines = [r"\begin{tabular}{lrrrrrr}", r"\toprule",
-             r"setting & cosine & $\|\hat\lambda-\hat\lambda_0\|$ & valid $w_\phi$ & valid $w^*(\hat\lambda)$ & "
-             r"gain $w^*(\hat\lambda)$ & CPU s \\", r"\midrule"]
+    """LaTeX tabular: one row per variant, then exact descent and the reference; gains in units of GAIN_UNIT."""
+    gain = lambda value: texfmt.fixed(value / GAIN_UNIT, 2)
+    unit = texfmt.scientific(GAIN_UNIT)
+    lines = [r"\begin{tabular}{lrrrrrrr}", r"\toprule",
+             r"setting & cosine & $\|\hat\lambda-\hat\lambda_0\|$ & valid $w_\phi(\hat\lambda)$ & "
+             rf"valid $w^*(\hat\lambda)$ & gain $w^*(\hat\lambda)$ [{unit}] & gain exact [{unit}] & CPU s \\",
+             r"\midrule"]
     for s in (summary["variants"][n] for n in ordered(summary["variants"])):
         lines.append(f"{texfmt.text(s['label'])} & {texfmt.fixed(s['cosine_mean'], 3)} & "
                      f"{texfmt.significant(s['dlambda_norm'], 2)} & {texfmt.significant(s['final_valid'], 4)} & "
-                     f"{texfmt.significant(s['closed_form_valid'], 4)} & {texfmt.significant(s['gain_lambda'], 2)} & "
-                     f"{texfmt.seconds(s['seconds'])} \\\\")
+                     f"{texfmt.significant(s['closed_form_valid'], 4)} & {gain(s['gain_lambda'])} & "
+                     f"{gain(s['exact_gain_same_time'])} & {texfmt.seconds(s['seconds'])} \\\\")
     e, r = summary["exact"], summary["reference"]
     lines += [r"\midrule",
               f"exact-hypergradient descent & {texfmt.fixed(1.0, 3)} & {texfmt.significant(e['dlambda_norm'], 2)} & "
-              f"-- & {texfmt.significant(e['final_valid'], 4)} & {texfmt.significant(e['gain'], 2)} & "
+              f"-- & {texfmt.significant(e['final_valid'], 4)} & {gain(e['gain'])} & -- & "
               f"{texfmt.seconds(e['seconds'])} \\\\",
-              f"fixed-$\\lambda$ reference & -- & 0 & -- & {texfmt.significant(r['valid'], 4)} & 0 & -- \\\\",
+              f"fixed-$\\lambda$ reference & -- & 0 & -- & {texfmt.significant(r['valid'], 4)} & 0 & -- & -- \\\\",
               r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
 
