@@ -147,6 +147,12 @@ def test_protocol_quick_run_and_replot(tmp_path, capsys):
         s = summary["variants"][name]
         assert -1 <= s["cosine_mean"] <= 1 and s["dlambda_norm"] >= 0
         assert s["gain_lambda"] == pytest.approx(summary["reference"]["valid"] - s["closed_form_valid"])
+    with np.load(out / "results" / f"{hs.NAME}.npz") as npz:
+        seconds, valid = npz["exact_seconds"], npz["exact_valid"]
+    for s in summary["variants"].values():  # exact descent read off its VALIDATION curve at the variant's time
+        done = np.nonzero(seconds <= s["seconds"])[0]
+        assert s["exact_valid_same_time"] == valid[done[-1] if len(done) else 0]
+    assert summary["exact"]["gain"] == pytest.approx(summary["reference"]["valid"] - valid[-1])
     assert (out / "hypergradient_study.png").exists() and (out / "results" / f"{hs.TABLE_NAME}.tex").exists()
     assert r"\begin{tabular}" in (out / "results" / f"{hs.TABLE_NAME}.tex").read_text()
     for claim in hs.CLAIMS:
@@ -154,6 +160,11 @@ def test_protocol_quick_run_and_replot(tmp_path, capsys):
         assert verdict in common.VERDICTS
     assert all(isinstance(v, str) for v in hs.tex_numbers(summary).values())
     assert common.main(hs, ["--replot", "--out-dir", str(out)]) == 0
+
+
+def test_value_at_time():
+    t, v = np.array([0.0, 1.0, 2.0]), np.array([5.0, 4.0, 3.0])
+    assert [hs.value_at_time(t, v, x) for x in (-1.0, 0.0, 0.5, 1.0, 9.0)] == [5.0, 5.0, 5.0, 4.0, 3.0]
 
 
 def test_bad_settings_are_one_line_errors(tmp_path, capsys):

@@ -144,6 +144,7 @@ def test_train_to_convergence_reaches_the_closed_form_on_a_linear_model():
     ref = R.fixed_lambda_reference(-3.0, splits)
     trained = R.train_to_convergence([D, C], -3.0, splits, step_size=1e-2, eval_every=50, patience=5)
     assert trained["converged"] and trained["steps"] < R.CONVERGE_MAX_STEPS
+    assert trained["steps"] - trained["step"] == 5 * 50  # stopped `patience` evaluations after the best one
     assert trained["valid"] == pytest.approx(ref["valid"], rel=0.02)
     assert trained["test"] == pytest.approx(ref["test"], rel=0.02)
 
