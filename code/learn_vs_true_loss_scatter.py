@@ -1,81 +1,104 @@
-"""Learned versus true validation loss (SPEC section 6, the paper's Figure 6).
+"""Learned versus true validation loss (SPEC section 6, the paper's Figure 6 and its GP-vs-hypernetwork table).
 
 Ground truth: 10,240 hyperparameter vectors lambda ~ U(-3, 3)^10 (one L2-norm penalty per class of a
 linear 784-10 model); for each, a fresh model trained by Adam on minibatches and its validation loss.
-The first n_train_tuples (lambda, loss) pairs train three surrogates -- A: a Gaussian process, B: a
-linear hypernetwork fit on those fixed lambdas, C: the same hypernetwork trained on freshly sampled
-lambdas (Algorithm 2) -- which then predict the loss of the held-out lambdas.
+n_train_tuples of the (lambda, loss) pairs train three surrogates -- A: a Gaussian process, B: a linear
+hypernetwork fit on those fixed lambdas, C: the same hypernetwork trained on freshly sampled lambdas
+(Algorithm 2) -- which then predict the loss of the held-out lambdas. The table repeats this for the
+training budgets of table_budgets (the true loss at each surrogate's predicted best).
 
-    python learn_vs_true_loss_scatter.py [--quick] [--seed 7] [--jobs N] [--n-train-tuples 25] [--table]
+    python learn_vs_true_loss_scatter.py [--quick] [--seed 7] [--jobs N] [--n-train-tuples 25] [--no-table]
 
-The ground truth is cached in <repo>/cache/ (.npz with the settings' hash and a SHA-256 of its arrays).
+Seeds: the ground truth depends on --gt-seed only and is cached in <repo>/cache/ (an .npz named by the
+hash of its settings and of the data, with a SHA-256 of its arrays; ~9 min on 2 cores to rebuild). --seed
+varies the surrogates over that one ground truth: the GP's restarts, the hypernetworks' initialisation and
+minibatches, model C's sampled lambdas, and (with --train-tuples drawn) which tuples train the surrogates.
+`make seeds` therefore costs surrogates only. Ground-truth workers (--jobs) are forked processes that die
+with the parent however it ends (SIGKILL included) and use no temporary files.
 """
-import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from scipy.linalg import blas  # loaded at import, so that a caller's BLAS thread limit also covers scipy's BLAS
 
-from common import (
-    ExperimentError,
-    atomic_write_bytes,
-    check_finite,
-    experiment_parser,
-    load_results,
-    positive_int,
-    run_main,
-    save_results,
-    step_rng,
-)
+import common
+import texfmt
+from common import Claim, ExperimentError, atomic_write_bytes, check_divergence, check_finite, setting, step_rng
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CACHE_DIR = REPO / "cache"
+REPO_TOKEN = "<repo>"             # cache_dir may start with it: the repository's root folder
 NAME = "learn_vs_true_loss_scatter"
-TABLE_NAME = "gp_vs_hypernet_table"
+DATA = "mnist"
+PARALLEL = True                   # --jobs N processes train the ground truth
+TABLE_TEX = "gp_vs_hypernet_table.tex"
 LAYERS = [784, 10]
 N_CLASSES = 10
+N_HYPERS = N_CLASSES              # one regularisation strength per output class
 MODELS = ("gp", "hypernet_fixed", "hypernet_stochastic")
 # Random streams derived from (seed, index, stream): keep them apart.
-STREAM_GT, STREAM_FIXED, STREAM_STOCHASTIC = 61, 62, 63
+STREAM_GT, STREAM_FIXED, STREAM_STOCHASTIC, STREAM_TUPLES = 61, 62, 63, 64
 CACHE_VERSION = 2  # bump when the ground-truth computation changes (2: BLAS axpy in Adam)
+CACHE_SLACK_BYTES = 1 << 20       # a cache file may exceed its arrays' size by this much (metadata, zip headers)
+PARENT_POLL_SECONDS = 0.5         # a ground-truth worker checks this often that its parent is alive
+GT_CHECK_EVERY = 100              # ground-truth steps between divergence checks
 
 
 @dataclass(frozen=True)
 class Config:
-    """Settings of the experiment; defaults follow the released code (SPEC section 6)."""
+    """Settings of one run; defaults follow the released code (SPEC section 6) unless a comment says otherwise."""
 
-    seed: int = 7
-    n_hypers: int = 10                 # one regularisation strength per output class
-    lambda_low: float = -3.0           # lambda ~ U(lambda_low, lambda_high)^n_hypers
-    lambda_high: float = 3.0
-    n_models: int = 10240              # ground-truth (lambda, validation loss) pairs
-    n_train_tuples: int = 25           # the first ones train the surrogates; the rest are held out
-    n_train_points: int = 50000        # MNIST training images 0..49,999
-    n_valid_points: int = 10000        # validation images 50,000..59,999
-    batch_size: int = 100              # consecutive training points per step, at a random offset
-    init_scale: float = 1e-5           # N(0, 1) * init_scale, elementary model and hypernetwork
-    step_size: float = 1e-4            # Adam step, everywhere
-    gt_steps: int = 1000               # Adam steps per ground-truth model
-    fixed_steps: int = 500             # model B: Adam steps on the fixed training lambdas
-    stochastic_steps: int = 600        # model C: Adam steps, each on fresh lambdas
-    stochastic_batch: int = 25         # model C: lambdas sampled per step
-    gp_restarts: int = 1               # model A: n_restarts_optimizer of the RBF Gaussian process
-    chunk_size: int = 64               # ground-truth models trained together as one stacked problem
-    gt_dtype: str = "float32"          # ground-truth training precision (see README: speed)
-    eval_batch: int = 1024             # hyperparameters per validation-loss GEMM
-    table_budgets: tuple = (10, 25, 100, 250, 1000)  # --table: n_train_tuples per column
-    synthetic: bool = False            # tests: synthetic stand-in data instead of MNIST
-    log_every: int = 20                # ground-truth chunks between progress lines
-    hyper_log_every: int = 100         # hypernetwork steps between progress lines
+    seed: int = setting(7, lo=0, hi=common.SEED_MAX)  # surrogates' seed: GP restarts, hypernetwork initialisation
+    # and minibatches, model C's sampled lambdas, drawn training tuples (SPEC: 7). The ground truth keeps gt_seed,
+    # so `make seeds` varies the surrogates over one cached ground truth
+    gt_seed: int = setting(7, lo=0, hi=common.SEED_MAX)  # ground truth's seed: its lambdas, initial model and
+    # minibatches (SPEC: 7); another value trains and caches another ground truth
+    train_tuples: str = setting("first", choices=("first", "drawn"))  # which ground-truth tuples train the
+    # surrogates: the first n_train_tuples (released code), or n_train_tuples drawn with --seed (seed studies)
+    lambda_low: float = setting(-3.0)  # lambda ~ U(lambda_low, lambda_high)^10 (released code)
+    lambda_high: float = setting(3.0)  # (released code)
+    n_models: int = setting(10240, lo=2)  # ground-truth (lambda, validation loss) pairs (released code)
+    n_train_tuples: int = setting(25, lo=1)  # tuples that train the surrogates; the rest are held out (released
+    # code)
+    n_train_points: int = setting(50000, lo=2)  # MNIST training images 0..n-1 train every model (released code)
+    n_valid_points: int = setting(10000, lo=1)  # the next n images are the validation set (released code)
+    batch_size: int = setting(100, lo=1)  # consecutive training points per step, at a random offset (released
+    # code)
+    init_scale: float = setting(1e-5, lo=0)  # N(0, 1) * init_scale, elementary model and hypernetwork (released
+    # code)
+    step_size: float = setting(1e-4, lo=0, lo_open=True)  # Adam step size, everywhere (released code)
+    gt_steps: int = setting(1000, lo=1)  # Adam steps per ground-truth model (released code)
+    fixed_steps: int = setting(500, lo=1)  # model B: Adam steps on the fixed training lambdas (released code)
+    stochastic_steps: int = setting(600, lo=1)  # model C: Adam steps, each on fresh lambdas (released code)
+    stochastic_batch: int = setting(25, lo=1)  # model C: lambdas sampled per step (released code)
+    gp_restarts: int = setting(1, lo=0)  # model A: n_restarts_optimizer of the RBF Gaussian process (released
+    # code)
+    chunk_size: int = setting(64, lo=1)  # ground-truth models trained together as one stacked problem (our
+    # choice: fastest on this machine; part of the cache key, since the minibatches are drawn per chunk)
+    float64: bool = setting(False)  # train the ground truth in float64 (about 2x slower). Our choice: float32,
+    # whose validation losses differ from float64's by < 1e-5 (test_scatter)
+    eval_batch: int = setting(1024, lo=1)  # hyperparameters per validation-loss GEMM (memory only, our choice)
+    table: bool = setting(True)  # also make the GP-vs-hypernetwork table over table_budgets (the paper's
+    # commented-out table; ~80 s)
+    table_budgets: tuple[int, ...] = setting((10, 25, 100, 250, 1000), lo=1)  # training tuples per column of the
+    # table (the paper's); budgets that leave no held-out tuple are skipped
+    use_cache: bool = setting(True, flag="cache")  # load the ground truth from the cache when valid (--no-cache:
+    # always recompute, then cache)
+    cache_dir: str = setting(f"{REPO_TOKEN}/cache")  # ground-truth cache folder
+    log_every: int = setting(20, lo=1)  # ground-truth chunks between progress lines
+    hyper_log_every: int = setting(100, lo=1)  # hypernetwork steps between progress lines
 
 
 QUICK = dict(n_models=320, n_train_points=1500, n_valid_points=500, gt_steps=40, fixed_steps=60,
@@ -83,15 +106,32 @@ QUICK = dict(n_models=320, n_train_points=1500, n_valid_points=500, gt_steps=40,
              hyper_log_every=20)
 
 
-def ground_truth_settings(config):
-    """The settings the ground truth depends on (its cache key)."""
-    keys = ("seed", "n_hypers", "lambda_low", "lambda_high", "n_models", "n_train_points", "n_valid_points",
-            "batch_size", "init_scale", "step_size", "gt_steps", "chunk_size", "gt_dtype", "synthetic")
-    return {"version": CACHE_VERSION, **{k: getattr(config, k) for k in keys}}
+def validate(config):
+    """Cross-field checks and a memory estimate, each a one-line ExperimentError."""
+    if not config.lambda_low < config.lambda_high:
+        raise common.UsageError(f"--lambda-low {config.lambda_low} must be below --lambda-high {config.lambda_high}")
+    if config.n_train_tuples >= config.n_models:
+        raise common.UsageError(f"--n-train-tuples {config.n_train_tuples} leaves no held-out tuples "
+                                f"(--n-models is {config.n_models})")
+    if config.batch_size >= config.n_train_points:
+        raise common.UsageError(f"--batch-size {config.batch_size} must be below --n-train-points "
+                                f"{config.n_train_points}")
+    itemsize = 8 if config.float64 else 4
+    weights = LAYERS[0] * N_CLASSES + N_CLASSES
+    needed = (config.n_train_points * (LAYERS[0] + N_CLASSES) * itemsize          # training set, GT precision
+              + 8 * config.chunk_size * weights * itemsize                       # one chunk's weights and buffers
+              + 4 * min(config.eval_batch, config.n_models) * weights * 8        # hypernetwork evaluation
+              + 8 * config.n_models * (N_HYPERS + 8)                             # lambdas, losses, predictions
+              + 8 * max(config.stochastic_batch, config.n_train_tuples) * config.batch_size * N_CLASSES * 12)
+    common.check_memory(needed, "the scatter experiment")
 
 
-def settings_hash(settings):
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+def resolve_cache_dir(config):
+    """The cache folder: cache_dir with a leading <repo> replaced by the repository's root."""
+    text = config.cache_dir
+    if text == REPO_TOKEN or text.startswith(REPO_TOKEN + "/"):
+        return REPO / text[len(REPO_TOKEN):].lstrip("/")
+    return Path(text)
 
 
 # ------------------------------------------------------------------------------ validation losses
@@ -143,40 +183,42 @@ def valid_losses_flat(flat, gram, batch):
                            for i in range(0, len(flat), batch)])
 
 
-# ------------------------------------------------------------------------------- ground truth
+# ------------------------------------------------------------------- ground truth: the hot loop
 
 def sample_lambdas(config):
-    """All ground-truth hyperparameters (n_models, n_hypers) ~ U(low, high), from RandomState(seed)."""
-    rs = np.random.RandomState(config.seed)
-    return rs.uniform(config.lambda_low, config.lambda_high, size=(config.n_models, config.n_hypers))
+    """All ground-truth hyperparameters (n_models, 10) ~ U(low, high), from RandomState(gt_seed)."""
+    rs = np.random.RandomState(config.gt_seed)
+    return rs.uniform(config.lambda_low, config.lambda_high, size=(config.n_models, N_HYPERS))
 
 
 def initial_elementary(config):
-    """The shared initial model: W (784, 10), b (10,) = init_scale * N(0, 1) from RandomState(seed)."""
+    """The shared initial model: W (784, 10), b (10,) = init_scale * N(0, 1) from RandomState(gt_seed)."""
     from neural_network import init_mlp
 
-    return init_mlp(LAYERS, config.init_scale, np.random.RandomState(config.seed))[0]
+    return init_mlp(LAYERS, config.init_scale, np.random.RandomState(config.gt_seed))[0]
 
 
 def chunk_offsets(config, chunk_index):
     """Minibatch start offsets of every step of one chunk, in [0, n_train_points - batch_size)."""
-    rng = step_rng(config.seed, chunk_index, STREAM_GT)
+    rng = step_rng(config.gt_seed, chunk_index, STREAM_GT)
     return rng.randint(0, config.n_train_points - config.batch_size, size=config.gt_steps)
 
 
-def _adam_inplace(x, g, m, v, s, t, config, axpy, eps=1e-8, b1=0.9, b2=0.999):
+def _adam_inplace(x, g, m, v, s, t, step_size, axpy, eps=1e-8, b1=0.9, b2=0.999):
     """Bias-corrected Adam step on x (flat, in place); g holds the gradient, s is scratch.
 
     Moments are kept rescaled, m' = m / (1 - b1) and v' = v / (1 - b2):
         m' <- b1 m' + g,  v' <- b2 v' + g^2,  x <- x - a_t m' / (sqrt(v') + e_t)   (constants below),
     as 7 passes over the arrays: the BLAS axpy y <- a x + y writes the new moments into the buffers of g
-    and g^2, so the four buffers change roles. Returns the (m, v, gradient, scratch) buffers for next step."""
+    and g^2, so the four buffers change roles. Returns the (m, v, gradient, scratch) buffers for next step.
+    (A tuned variant of optimizers.adam_inplace, kept because its float32 rounding defines the cached ground
+    truth; benchmark.py's scatter_model_step row times it against the autograd + textbook-Adam reference.)"""
     np.multiply(g, g, out=s)
     axpy(v, s, a=b2)                              # s <- b2 v' + g^2: the new v'
     axpy(m, g, a=b1)                              # g <- b1 m' + g:   the new m'
     m, v, g, s = g, s, m, v
     c2 = np.sqrt((1 - b2) / (1 - b2 ** t))        # sqrt(v_hat) = c2 sqrt(v')
-    a_t = config.step_size * (1 - b1) / (1 - b1 ** t) / c2
+    a_t = step_size * (1 - b1) / (1 - b1 ** t) / c2
     np.sqrt(v, out=g)
     g += eps / c2
     np.divide(m, g, out=g)
@@ -184,51 +226,145 @@ def _adam_inplace(x, g, m, v, s, t, config, axpy, eps=1e-8, b1=0.9, b2=0.999):
     return m, v, g, s
 
 
-def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index, return_weights=False):
-    """Train K elementary models (one per row of lambdas (K, 10)) as one stacked problem.
+class ModelStack:
+    """K linear 784-10 models trained as one stacked problem, with their Adam buffers.
+
+    Weights are rows Wt (K*10, 784) (row k*10+c = W_k[:, c]) and biases b (K*10,), in `dtype`; reg (K*10,)
+    holds exp(lambda_kc) / 10, the weight of each column's norm in model k's regulariser."""
+
+    def __init__(self, lambdas, W0, b0, step_size, batch_size, dtype=np.float32):
+        dtype = np.dtype(dtype)
+        K, C = len(lambdas), N_CLASSES
+        self.dtype, self.step_size, self.batch_size = dtype, step_size, batch_size
+        self.gemm = blas.dgemm if dtype == np.float64 else blas.sgemm
+        self.axpy = blas.daxpy if dtype == np.float64 else blas.saxpy
+        self.Wt = np.ascontiguousarray(np.tile(W0.T, (K, 1)), dtype=dtype)
+        self.b = np.tile(b0, K).astype(dtype)
+        self.m, self.v = np.zeros_like(self.Wt), np.zeros_like(self.Wt)   # rescaled Adam moments
+        self.G, self.S = np.empty_like(self.Wt), np.empty_like(self.Wt)   # gradient, scratch
+        self.mb, self.vb, self.Sb = np.zeros_like(self.b), np.zeros_like(self.b), np.empty_like(self.b)
+        self.Y = np.empty((K * C, batch_size), dtype)                     # predictions, then dL/dy
+        self.reg = (np.exp(lambdas) / C).ravel().astype(dtype)
+        self.scale = dtype.type(100.0 / (batch_size * C))  # d/dy of mean 50 (y - t)^2 over B*C entries
+
+    def weights(self):
+        """(Wt (K*10, 784), b (K*10,)) in float64."""
+        return self.Wt.astype(np.float64), self.b.astype(np.float64)
+
+    def data_fit(self):
+        """Mean over models of the last step's minibatch data-fit term 50 mean (y - t)^2 (from dL/dy in Y)."""
+        return 50.0 * float(np.vdot(self.Y, self.Y)) / float(self.scale) ** 2 / self.Y.size
+
+
+def scatter_model_step(stack, xb, tb, t):
+    """One hand-written Adam step, in place, of every model of stack (a ModelStack) on one minibatch.
+
+    xb (B, 784), tb (B, 10) in stack.dtype; t the 1-based step number. Objective of model k: Gaussian NLL on
+    the minibatch + (1/10) sum_c exp(lambda_kc) ||W_k[:, c]||_2 (class_norm_regulariser). Used by
+    benchmark.py: build a stack with scatter_step_stack(...), time this per step and divide by K for the
+    per-model cost; scatter_model_step_reference is the autograd reference it must match (test_scatter).
+
+    Gradient (derivation): with residuals r = y - t, d/dy of mean_{B x C} 50 r^2 is (100 / (B C)) r = Y;
+    d/dW_k[:, c] = X' Y_kc  (one (784, B) x (B, K*10) GEMM for all models, accumulated onto the regulariser
+    part), d/db_kc = sum_n Y_kc,n, and d/dw of reg ||w|| is reg w / ||w||."""
+    Wt, b, Y, K = stack.Wt, stack.b, stack.Y, len(stack.b) // N_CLASSES
+    np.dot(Wt, xb.T, out=Y)                       # predictions, transposed: (K*C, B)
+    Y += b[:, None]
+    Y.reshape(K, N_CLASSES, stack.batch_size)[...] -= tb.T[None]   # residuals y - t
+    Y *= stack.scale                              # dL/dy
+    gb = Y.sum(axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", Wt, Wt))
+    np.multiply(Wt, (stack.reg / norms)[:, None], out=stack.G)      # regulariser gradient ...
+    stack.gemm(1.0, xb.T, Y.T, beta=1.0, c=stack.G.T, overwrite_c=True)  # ... + X' dL/dy, accumulated in place
+    m, v, G, S = _adam_inplace(Wt.ravel(), stack.G.ravel(), stack.m.ravel(), stack.v.ravel(), stack.S.ravel(), t,
+                               stack.step_size, stack.axpy)
+    stack.m, stack.v, stack.G, stack.S = (a.reshape(Wt.shape) for a in (m, v, G, S))
+    stack.mb, stack.vb, _, stack.Sb = _adam_inplace(b, gb, stack.mb, stack.vb, stack.Sb, t, stack.step_size,
+                                                    stack.axpy)
+
+
+def _stacked_objective(params, reg, xb, tb):
+    """Sum over the K models of their training objectives (autograd-traceable); params = (Wt, b) as rows."""
+    import autograd.numpy as anp
+
+    from neural_network import gaussian_nll
+
+    Wt, b = params
+    K = Wt.shape[0] // N_CLASSES
+    predictions = anp.transpose(anp.reshape(anp.dot(Wt, xb.T) + b[:, None], (K, N_CLASSES, -1)), (0, 2, 1))
+    norms = anp.sqrt(anp.sum(Wt ** 2, axis=1))
+    return anp.sum(gaussian_nll(predictions, tb[None])) + anp.sum(reg * norms)
+
+
+class ReferenceStack:
+    """The state of scatter_model_step_reference: the same K models as rows, with textbook Adam states."""
+
+    def __init__(self, lambdas, W0, b0, step_size, batch_size, dtype=np.float64):
+        from optimizers import adam_init
+
+        K = len(lambdas)
+        self.dtype, self.step_size = np.dtype(dtype), step_size
+        self.params = [np.ascontiguousarray(np.tile(W0.T, (K, 1)), dtype=dtype), np.tile(b0, K).astype(dtype)]
+        self.adam = [adam_init(p) for p in self.params]
+        self.reg = (np.exp(lambdas) / N_CLASSES).ravel().astype(dtype)
+
+    def weights(self):
+        return self.params[0].astype(np.float64), self.params[1].astype(np.float64)
+
+
+def scatter_model_step_reference(stack, xb, tb, t):
+    """The reference of scatter_model_step: autograd's gradient of _stacked_objective, then
+    optimizers.adam_textbook on Wt and b; stack is a ReferenceStack (scatter_step_stack(..., reference=True)).
+    t is accepted for symmetry with scatter_model_step (the Adam states count their own steps)."""
+    from autograd import grad
+
+    from optimizers import adam_textbook
+
+    gradients = grad(_stacked_objective)(tuple(stack.params), stack.reg, xb, tb)
+    for i, g in enumerate(gradients):
+        stack.params[i], stack.adam[i] = adam_textbook(stack.params[i], g, stack.adam[i], stack.step_size)
+
+
+def scatter_step_stack(lambdas, config=None, reference=False, dtype=None):
+    """A ModelStack (or, with reference=True, a ReferenceStack) of len(lambdas) models (lambdas (K, 10)) at the
+    ground truth's initial weights; dtype defaults to the config's ground-truth precision.
+
+    Benchmark recipe:  lam = sample_lambdas(Config())[:64]; s = scatter_step_stack(lam, dtype="float64");
+    r = scatter_step_stack(lam, reference=True, dtype="float64"); for t, (xb, tb) in enumerate(batches, 1):
+    scatter_model_step(s, xb, tb, t); scatter_model_step_reference(r, xb, tb, t); then s.weights() equals
+    r.weights() to ~1e-12 (xb, tb: (batch_size, 784), (batch_size, 10) in that dtype)."""
+    config = config or Config()
+    dtype = np.dtype(dtype or ("float64" if config.float64 else "float32"))
+    W0, b0 = initial_elementary(config)
+    cls = ReferenceStack if reference else ModelStack
+    return cls(lambdas, W0, b0, config.step_size, config.batch_size, dtype)
+
+
+def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index):
+    """Train K elementary models (one per row of lambdas (K, 10)) on training data only, as one stacked problem.
 
     All K models see the same minibatch each step, so the forward pass is one (K*10, 784) x (784, 100)
-    product and the weight gradient one (784, 100) x (100, K*10) product. Weights are held as rows
-    Wt (K*10, 784) (row k*10+c = W_k[:, c]) with biases b (K*10,). Objective per model: Gaussian NLL on
-    the minibatch + class_norm_regulariser. Returns (Wt, b) (float64), the weights after gt_steps."""
-    from scipy.linalg import blas
-
-    dtype = np.dtype(config.gt_dtype)
-    gemm = blas.dgemm if dtype == np.float64 else blas.sgemm
-    K, C, B = len(lambdas), N_CLASSES, config.batch_size
-    W0, b0 = initial_elementary(config)
-    Wt = np.ascontiguousarray(np.tile(W0.T, (K, 1)), dtype=dtype)
-    b = np.tile(b0, K).astype(dtype)
-    m, v, G, S = np.zeros_like(Wt), np.zeros_like(Wt), np.empty_like(Wt), np.empty_like(Wt)  # moments, grad, scratch
-    mb, vb, Sb = np.zeros_like(b), np.zeros_like(b), np.empty_like(b)
-    axpy = blas.daxpy if dtype == np.float64 else blas.saxpy
-    Y = np.empty((K * C, B), dtype)
-    reg = (np.exp(lambdas) / C).ravel().astype(dtype)  # d/dw_c of exp(l_c)/C ||w_c|| = reg_c w_c / ||w_c||
-    x_all, t_all = train_x.astype(dtype, copy=False), train_y.astype(dtype, copy=False)
-    scale = dtype.type(100.0 / (B * C))  # d/dy of mean 50 (y - t)^2 over B*C entries
-    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by check_finite instead
+    product and the weight gradient one (784, 100) x (100, K*10) product. Returns (Wt (K*10, 784), b (K*10,))
+    in float64, the weights after gt_steps."""
+    stack = scatter_step_stack(lambdas, config)
+    x_all, t_all = train_x.astype(stack.dtype, copy=False), train_y.astype(stack.dtype, copy=False)
+    B, start_fit = config.batch_size, None
+    with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by the checks instead
         for i, offset in enumerate(chunk_offsets(config, chunk_index)):
-            xb, tb = x_all[offset:offset + B], t_all[offset:offset + B]
-            np.dot(Wt, xb.T, out=Y)                       # predictions, transposed: (K*C, B)
-            Y += b[:, None]
-            Y.reshape(K, C, B)[...] -= tb.T[None]         # residuals y - t
-            if (i + 1) % 100 == 0 or i + 1 == config.gt_steps:
-                check_finite(np.sum(Y), i, f"ground-truth training residual (chunk {chunk_index})")
-            Y *= scale                                    # dL/dy
-            gb = Y.sum(axis=1)
-            norms = np.sqrt(np.einsum("ij,ij->i", Wt, Wt))
-            np.multiply(Wt, (reg / norms)[:, None], out=G)  # regulariser gradient ...
-            gemm(1.0, xb.T, Y.T, beta=1.0, c=G.T, overwrite_c=True)  # ... + X' dL/dy, accumulated in place
-            m, v, G, S = _adam_inplace(Wt.ravel(), G.ravel(), m.ravel(), v.ravel(), S.ravel(), i + 1, config, axpy)
-            m, v, G, S = (a.reshape(Wt.shape) for a in (m, v, G, S))
-            mb, vb, gb, Sb = _adam_inplace(b, gb, mb, vb, Sb, i + 1, config, axpy)
-    return Wt.astype(np.float64), b.astype(np.float64)
+            scatter_model_step(stack, x_all[offset:offset + B], t_all[offset:offset + B], i + 1)
+            if i == 0 or (i + 1) % GT_CHECK_EVERY == 0 or i + 1 == config.gt_steps:
+                what = f"ground-truth training data fit (chunk {chunk_index})"
+                check_finite(stack.Y, i, what)
+                fit = stack.data_fit()
+                start_fit = fit if start_fit is None else start_fit
+                check_divergence(fit, start_fit, i, what)
+    return stack.weights()
 
 
 def ground_truth_chunk_losses(lambdas, train_x, train_y, gram, config, chunk_index):
-    """Validation losses (K,) of one trained chunk; runs single-threaded so every --jobs gives equal bits."""
-    from scipy.linalg import blas  # noqa: F401  scipy's own BLAS must be loaded before the limit is set,
-    from threadpoolctl import threadpool_limits  # or the first chunk in a process runs it multi-threaded
+    """Validation losses (K,) of one trained chunk (scored on the Gram of the validation set); runs
+    single-threaded so every --jobs gives equal bits (scipy's BLAS is loaded at import, before this limit)."""
+    from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1):
         Wt, b = train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index)
@@ -237,33 +373,225 @@ def ground_truth_chunk_losses(lambdas, train_x, train_y, gram, config, chunk_ind
     return losses
 
 
-def compute_ground_truth(config, splits, jobs, log=print):
-    """(lambdas (n_models, 10), validation losses (n_models,)) by training every model; chunks via joblib."""
-    from joblib import Parallel, delayed
+# ------------------------------------------------------------------- ground truth: worker processes
 
+def _die_with_parent(parent_pid):
+    """Worker side: exit as soon as the parent is gone, whatever ended it (SIGKILL included)."""
+    try:  # Linux: the kernel sends SIGKILL to this process when its parent exits
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+    def poll():  # everywhere: a thread watching the parent's pid (we are re-parented when it dies)
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+    threading.Thread(target=poll, daemon=True).start()
+
+
+def _worker_loop(conn, parent_pid, work):
+    """Body of a forked worker: run work(task) for each task received, send back ("ok"|"error", task, ...)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group; the parent stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handler, inherited through fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _die_with_parent(parent_pid)
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        try:
+            reply = ("ok", task, work(task))
+        except common.DivergenceError as err:
+            reply = ("diverged", task, str(err))
+        except ExperimentError as err:
+            reply = ("error", task, str(err))
+        except MemoryError:
+            reply = ("error", task, "out of memory in a ground-truth worker; try --jobs 1 or a smaller --chunk-size")
+        except Exception as err:  # noqa: BLE001  anything else: reported by the parent as one line
+            reply = ("error", task, f"{type(err).__name__}: {err}")
+        conn.send(reply)
+
+
+class ForkedWorkers:
+    """n forked processes that run work(task) (work and its data are inherited by fork: nothing is pickled but
+    the task and its result, and nothing is written to disk or /dev/shm). Use as a context manager; on leaving
+    it, by any exception or signal, every worker is killed and reaped."""
+
+    def __init__(self, n, work):
+        from multiprocessing.connection import Pipe
+
+        self.workers = []  # (pid, connection)
+        parent = os.getpid()
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        for _ in range(n):
+            ours, theirs = Pipe()
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # no signal between fork and bookkeeping
+            try:
+                pid = os.fork()
+            except OSError as err:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                ours.close()
+                theirs.close()
+                started = len(self.workers)
+                self.close()
+                raise ExperimentError(f"cannot start ground-truth worker {started + 1} of {n} "
+                                      f"({err.strerror}); try --jobs 1") from None
+            if pid == 0:  # the worker
+                status = 0
+                try:
+                    ours.close()
+                    _worker_loop(theirs, parent, work)
+                except BaseException:  # noqa: BLE001
+                    status = 1
+                finally:
+                    os._exit(status)
+            theirs.close()
+            self.workers.append((pid, ours))
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        """Kill and reap every worker (idempotent)."""
+        workers, self.workers = self.workers, []
+        for pid, conn in workers:
+            conn.close()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid, _ in workers:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+    def run(self, tasks):
+        """Yield (task, result) as the workers finish them (any order); a worker's failure raises it here."""
+        from multiprocessing.connection import wait
+
+        pending, busy = list(tasks)[::-1], {}
+        for pid, conn in self.workers:
+            if pending:
+                task = pending.pop()
+                conn.send(task)
+                busy[conn] = (pid, task)
+        while busy:
+            for conn in wait(list(busy)):
+                pid, task = busy.pop(conn)
+                try:
+                    kind, done, *payload = conn.recv()
+                except (EOFError, OSError):
+                    raise ExperimentError(f"ground-truth worker {pid} died while training chunk {task} "
+                                          "(killed, or out of memory?)") from None
+                if kind == "diverged":
+                    raise common.DivergenceError(payload[0])
+                if kind != "ok":
+                    raise ExperimentError(f"ground-truth worker failed on chunk {done}: {payload[0]}")
+                if pending:
+                    nxt = pending.pop()
+                    conn.send(nxt)
+                    busy[conn] = (pid, nxt)
+                yield done, payload[0]
+
+
+def available_cpus():
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def effective_jobs(jobs, n_chunks, log_note=None):
+    """--jobs capped at the CPUs and at the number of chunks; a capped value is reported in one line."""
+    cpus = available_cpus()
+    capped = max(1, min(jobs, cpus, n_chunks))
+    if capped < jobs and log_note is not None:
+        log_note(f"note: --jobs {jobs} capped at {capped} ({cpus} CPUs, {n_chunks} ground-truth chunks)")
+    return capped
+
+
+def _note(text):
+    print(text, file=sys.stderr)
+
+
+def compute_ground_truth(config, splits, jobs, log=print):
+    """(lambdas (n_models, 10), validation losses (n_models,)): every model trained on splits' training data,
+    scored on its validation data; chunks of chunk_size models in up to `jobs` forked workers."""
     lambdas = sample_lambdas(config)
     gram = make_gram(splits.valid_x, splits.valid_y)
     starts = list(range(0, config.n_models, config.chunk_size))
-    dtype = np.dtype(config.gt_dtype)
-    t0, losses = time.perf_counter(), []
-    with tempfile.TemporaryDirectory(prefix="gt-data-") as tmp:
-        # The training set goes to the workers once, as read-only memory maps in the training precision
-        # (joblib passes np.memmap by file name instead of hashing and copying 300 MB per chunk).
-        data = []
-        for name, array in (("x", splits.train_x), ("y", splits.train_y)):
-            array = np.ascontiguousarray(array, dtype=dtype)
-            if jobs > 1:
-                np.save(Path(tmp) / f"{name}.npy", array)
-                array = np.load(Path(tmp) / f"{name}.npy", mmap_mode="r")
-            data.append(array)
-        tasks = (delayed(ground_truth_chunk_losses)(lambdas[s:s + config.chunk_size], *data, gram, config, c)
-                 for c, s in enumerate(starts))
-        for c, chunk in enumerate(Parallel(n_jobs=jobs, return_as="generator")(tasks)):
-            losses.append(chunk)
-            if (c + 1) % config.log_every == 0 or c + 1 == len(starts):
-                done = sum(map(len, losses))
-                log(f"ground truth: {done}/{config.n_models} models, {time.perf_counter() - t0:.0f} s")
-    return lambdas, np.concatenate(losses)
+    dtype = np.float64 if config.float64 else np.float32
+    train_x = np.ascontiguousarray(splits.train_x, dtype=dtype)  # converted once, shared with the workers
+    train_y = np.ascontiguousarray(splits.train_y, dtype=dtype)
+
+    def work(c):
+        s = starts[c]
+        return ground_truth_chunk_losses(lambdas[s:s + config.chunk_size], train_x, train_y, gram, config, c)
+
+    jobs = effective_jobs(jobs, len(starts), _note)
+    t0, losses = time.perf_counter(), {}
+
+    def progress():
+        if len(losses) % config.log_every == 0 or len(losses) == len(starts):
+            done = sum(map(len, losses.values()))
+            log(f"ground truth: {done}/{config.n_models} models, {time.perf_counter() - t0:.0f} s")
+
+    if jobs == 1:
+        for c in range(len(starts)):
+            losses[c] = work(c)
+            progress()
+    else:
+        with ForkedWorkers(jobs, work) as workers:
+            for c, chunk in workers.run(range(len(starts))):
+                losses[c] = chunk
+                progress()
+    return lambdas, np.concatenate([losses[c] for c in range(len(starts))])
+
+
+# ------------------------------------------------------------------------------ ground-truth cache
+
+def data_digest(splits):
+    """SHA-256 of the training and validation arrays (shapes, dtypes, bytes): the data the ground truth saw."""
+    h = hashlib.sha256()
+    for array in (splits.train_x, splits.train_y, splits.valid_x, splits.valid_y):
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.shape}{array.dtype.str}".encode())
+        h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
+def ground_truth_settings(config, digest):
+    """The settings the ground truth depends on (its cache key), digest being data_digest of its splits."""
+    return {"version": CACHE_VERSION, "gt_seed": config.gt_seed, "n_hypers": N_HYPERS,
+            "lambda_low": config.lambda_low, "lambda_high": config.lambda_high, "n_models": config.n_models,
+            "n_train_points": config.n_train_points, "n_valid_points": config.n_valid_points,
+            "batch_size": config.batch_size, "init_scale": config.init_scale, "step_size": config.step_size,
+            "gt_steps": config.gt_steps, "chunk_size": config.chunk_size,
+            "gt_dtype": "float64" if config.float64 else "float32", "data_sha256": digest}
+
+
+def settings_hash(settings):
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_path(cache_dir, settings):
+    """<cache_dir>/learn_vs_true_loss_ground_truth_<first 12 hex digits of the settings' hash>.npz."""
+    return Path(cache_dir) / f"learn_vs_true_loss_ground_truth_{settings_hash(settings)[:12]}.npz"
 
 
 def _arrays_digest(arrays):
@@ -284,47 +612,80 @@ def save_ground_truth(path, settings, lambdas, losses, seconds):
     atomic_write_bytes(path, buf.getvalue())
 
 
+CACHE_KEYS = {"meta", "lambdas", "valid_losses"}
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed in strict JSON")
+
+
 def load_ground_truth(path, settings):
-    """(lambdas, losses, seconds) from a valid cache with these settings, else None and the reason why."""
-    if not path.exists():
+    """((lambdas, losses, seconds), None) from a valid cache with these settings; else (None, why it is not
+    usable) -- why is None when there is no file. Every field is checked: keys, types, shapes, values."""
+    if not os.path.lexists(path):
         return None, None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            meta = json.loads(str(npz["meta"]))
-            arrays = {"lambdas": npz["lambdas"], "valid_losses": npz["valid_losses"]}
-    except Exception as err:  # any unreadable/corrupt/truncated file is simply rebuilt
-        return None, f"unreadable ({type(err).__name__}: {str(err)[:80]})"
-    if meta.get("settings_hash") != settings_hash(settings):
-        return None, "made with other settings"
-    if meta.get("digest") != _arrays_digest(arrays):
-        return None, "its arrays do not match their checksum (corrupt)"
     n = settings["n_models"]
-    if arrays["lambdas"].shape != (n, settings["n_hypers"]) or arrays["valid_losses"].shape != (n,):
-        return None, "wrong shapes"
-    return (arrays["lambdas"], arrays["valid_losses"], float(meta.get("seconds", 0.0))), None
+    expected = {"lambdas": (n, N_HYPERS), "valid_losses": (n,)}
+    try:
+        with zipfile.ZipFile(path) as archive:  # sizes first: a crafted file must not exhaust memory
+            sizes = {info.filename.removesuffix(".npy"): info.file_size for info in archive.infolist()}
+        limit = 8 * (n * (N_HYPERS + 1)) + CACHE_SLACK_BYTES
+        if set(sizes) != CACHE_KEYS:
+            return None, f"not a ground-truth cache (it holds {sorted(sizes)[:5]})"
+        if sum(sizes.values()) > limit:
+            return None, "larger than a ground-truth cache of these settings can be"
+        with np.load(path, allow_pickle=False) as npz:
+            meta_array = npz["meta"]
+            arrays = {key: npz[key] for key in expected}
+    except Exception as err:  # noqa: BLE001  any unreadable/corrupt/truncated file is simply rebuilt
+        return None, f"unreadable ({type(err).__name__}: {str(err)[:80]})"
+    if meta_array.shape != () or meta_array.dtype.kind != "U":
+        return None, "malformed (its metadata is not a JSON text)"
+    try:
+        meta = json.loads(str(meta_array), parse_constant=_reject_constant)
+    except ValueError:
+        return None, "malformed (its metadata is not valid JSON)"
+    if not isinstance(meta, dict):
+        return None, "malformed (its metadata is not a JSON object)"
+    if meta.get("settings") != settings or meta.get("settings_hash") != settings_hash(settings):
+        return None, "made with other settings"
+    for key, shape in expected.items():
+        if arrays[key].dtype != np.float64 or arrays[key].shape != shape:
+            return None, f"malformed ({key} is {arrays[key].dtype} {arrays[key].shape}, expected float64 {shape})"
+    if meta.get("digest") != _arrays_digest(arrays):
+        return None, "corrupt (its arrays do not match their checksum)"
+    lambdas, losses = arrays["lambdas"], arrays["valid_losses"]
+    if not (np.all(np.isfinite(losses)) and np.all(lambdas >= settings["lambda_low"])
+            and np.all(lambdas <= settings["lambda_high"])):
+        return None, "malformed (non-finite losses or lambdas outside their range)"
+    seconds = meta.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+            or seconds < 0:
+        return None, "malformed (its 'seconds' is not a non-negative number)"
+    return (lambdas, losses, float(seconds)), None
 
 
-def cache_path(cache_dir, config):
-    tag = ("_synthetic" if config.synthetic else "") + ("" if config.n_models == Config.n_models else
-                                                          f"_{config.n_models}")
-    return Path(cache_dir) / f"learn_vs_true_loss_ground_truth{tag}.npz"
-
-
-def get_ground_truth(config, splits, jobs, cache_dir, use_cache=True, log=print):
-    """Ground truth from the cache when it is valid for these settings; otherwise computed and cached."""
-    settings = ground_truth_settings(config)
-    path = cache_path(cache_dir, config)
-    if use_cache:
+def get_ground_truth(config, splits, jobs, log=print):
+    """(lambdas, losses, seconds, cached): from the cache when it is valid for these settings and data;
+    otherwise computed and cached (a bad cache gets one warning line and is rebuilt)."""
+    settings = ground_truth_settings(config, data_digest(splits))
+    path = cache_path(resolve_cache_dir(config), settings)
+    if config.use_cache:
         cached, problem = load_ground_truth(path, settings)
         if cached is not None:
             log(f"ground truth: loaded {path}")
             return (*cached, True)
         if problem:
-            print(f"warning: ground-truth cache {path} is {problem}; rebuilding it", file=sys.stderr)
+            _note(f"warning: ground-truth cache {path} is {problem}; rebuilding it")
     t0 = time.perf_counter()
     lambdas, losses = compute_ground_truth(config, splits, jobs, log)
     seconds = time.perf_counter() - t0
-    save_ground_truth(path, settings, lambdas, losses, seconds)
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        save_ground_truth(path, settings, lambdas, losses, seconds)
+    except OSError as err:  # the run goes on; only the next run pays for the ground truth again
+        _note(f"warning: cannot write the ground-truth cache {path} ({err.strerror or err}); continuing without it")
     return lambdas, losses, seconds, False
 
 
@@ -357,13 +718,14 @@ def hyper_objective(hyper_params, lambdas, xb, tb):
 
 
 def minibatch(train_x, train_y, rng, config):
+    """A minibatch of batch_size consecutive training points at an offset drawn from rng."""
     offset = rng.randint(0, config.n_train_points - config.batch_size)
     return train_x[offset:offset + config.batch_size], train_y[offset:offset + config.batch_size]
 
 
-def train_hypernet(config, splits, fixed_lambdas=None, log=print):
-    """Linear hypernetwork [10, 7850] trained by Adam: on fixed_lambdas (model B) or, when None, on
-    stochastic_batch fresh U(low, high) lambdas per step (model C). Returns its parameters."""
+def train_hypernet(config, train_x, train_y, fixed_lambdas=None, log=print):
+    """Linear hypernetwork [10, 7850] trained by Adam on training data only: on fixed_lambdas (model B) or,
+    when None, on stochastic_batch fresh U(low, high) lambdas per step (model C). Returns its parameters."""
     from autograd import grad
 
     from neural_network import init_hypernet, num_params
@@ -373,23 +735,26 @@ def train_hypernet(config, splits, fixed_lambdas=None, log=print):
     stream, steps = (STREAM_STOCHASTIC, config.stochastic_steps) if stochastic else (STREAM_FIXED, config.fixed_steps)
     label = "stochastic hypernet" if stochastic else "fixed hypernet"
     objective_grad = grad(hyper_objective)
+    start = []
 
     def batch(i):
         rng = step_rng(config.seed, i, stream)
-        lambdas = (rng.uniform(config.lambda_low, config.lambda_high, (config.stochastic_batch, config.n_hypers))
+        lambdas = (rng.uniform(config.lambda_low, config.lambda_high, (config.stochastic_batch, N_HYPERS))
                    if stochastic else fixed_lambdas)
-        return (lambdas,) + minibatch(splits.train_x, splits.train_y, rng, config)
+        return (lambdas,) + minibatch(train_x, train_y, rng, config)
 
     def gradient(params, i):
         return objective_grad(params, *batch(i))
 
     def callback(params, i, g):
-        if (i + 1) % config.hyper_log_every == 0 or i + 1 == steps:
+        if i == 0 or (i + 1) % config.hyper_log_every == 0 or i + 1 == steps:
             value = hyper_objective(params, *batch(i))
-            check_finite(value, i, f"{label} training objective")
-            log(f"{label}: step {i + 1}/{steps}, training objective {value:.4f}")
+            start.append(value)
+            check_divergence(value, start[0], i, f"{label} training objective")
+            if i > 0:
+                log(f"{label}: step {i + 1}/{steps}, training objective {value:.4f}")
 
-    init = init_hypernet("linear", config.n_hypers, num_params(LAYERS), config.init_scale,
+    init = init_hypernet("linear", N_HYPERS, num_params(LAYERS), config.init_scale,
                          np.random.RandomState(config.seed))
     return adam(gradient, init, callback, num_iters=steps, step_size=config.step_size)
 
@@ -420,67 +785,85 @@ def gp_predict(train_lambdas, train_losses, test_lambdas, config):
 
 # ----------------------------------------------------------------------------------------- run
 
-def load_splits(config, data_dir):
-    from data_loader import load_mnist, scatter_splits, synthetic_mnist
+def tuple_order(config):
+    """Indices of the ground-truth tuples in the order they join the surrogates' training set: 0, 1, 2, ...
+    (train_tuples "first", the released code) or a permutation drawn with --seed ("drawn")."""
+    if config.train_tuples == "first":
+        return np.arange(config.n_models)
+    return step_rng(config.seed, 0, STREAM_TUPLES).permutation(config.n_models)
 
-    data = synthetic_mnist() if config.synthetic else load_mnist(data_dir)
-    return scatter_splits(data, config.n_train_points, config.n_valid_points, 0)
+
+def split_tuples(order, n):
+    """(training indices, held-out indices in ascending order) for the first n of order."""
+    return order[:n], np.sort(order[n:])
 
 
 def summarise(inferred, true):
-    """error_mean, error_std (inferred - true) and the true loss at the predicted-best lambda."""
+    """Prediction errors (inferred - true) and the true loss at the predicted-best lambda."""
     errors = inferred - true
-    return {"error_mean": float(np.mean(errors)), "error_std": float(np.std(errors)),
+    std = float(np.std(errors))
+    skew = float(np.mean((errors - errors.mean()) ** 3) / std ** 3) if std > 0 else 0.0
+    return {"error_mean": float(np.mean(errors)), "error_std": std, "error_median": float(np.median(errors)),
+            "error_skew": skew, "predicted_best_loss": float(np.min(inferred)),
             "predicted_best_true_loss": float(true[np.argmin(inferred)])}
 
 
-def evaluate_budget(n, lambdas, losses, splits, gram, config, stochastic_params, log=print):
-    """Inferred held-out losses {model: (n_heldout,)} of A, B, C with the first n tuples for training."""
-    held = slice(n, None)
+def evaluate_budget(n, order, lambdas, losses, train, gram, config, stochastic_params, log=print):
+    """Inferred held-out losses {model: (n_models - n,)} of A, B, C trained on the first n tuples of order,
+    and the held-out indices."""
+    fit, held = split_tuples(order, n)
     log(f"gaussian process: fit on {n} tuples")
-    inferred = {"gp": gp_predict(lambdas[:n], losses[:n], lambdas[held], config)}
-    fixed = train_hypernet(config, splits, fixed_lambdas=lambdas[:n], log=log)
+    inferred = {"gp": gp_predict(lambdas[fit], losses[fit], lambdas[held], config)}
+    fixed = train_hypernet(config, *train, fixed_lambdas=lambdas[fit], log=log)
     inferred["hypernet_fixed"] = hypernet_valid_losses(fixed, lambdas[held], gram, config)
     inferred["hypernet_stochastic"] = hypernet_valid_losses(stochastic_params, lambdas[held], gram, config)
-    return inferred
+    return inferred, held
 
 
-def run(config, splits, jobs=1, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, table=False, log=print):
-    """Ground truth, models A/B/C and their held-out predictions -> (summary dict, arrays dict[, table])."""
+def load_splits(config, data):
+    """Scatter splits of the data: train = images 0..n_train_points-1, valid = the next n_valid_points; the
+    MNIST test set is not used."""
+    from data_loader import scatter_splits
+
+    return scatter_splits(data, config.n_train_points, config.n_valid_points, 0)
+
+
+def run(config, data, jobs=1, log=print):
+    """Ground truth, models A/B/C and their held-out predictions (and the table) -> (summary, arrays)."""
     t0 = time.perf_counter()
+    splits = load_splits(config, data)
     n = config.n_train_tuples
-    if n >= config.n_models:
-        raise ExperimentError(f"--n-train-tuples {n} leaves no held-out tuples (n_models is {config.n_models})")
-    lambdas, losses, gt_seconds, cached = get_ground_truth(config, splits, jobs, cache_dir, use_cache, log)
+    lambdas, losses, gt_seconds, cached = get_ground_truth(config, splits, jobs, log)
     gram = make_gram(splits.valid_x, splits.valid_y)
-    stochastic = train_hypernet(config, splits, None, log)
-    inferred = evaluate_budget(n, lambdas, losses, splits, gram, config, stochastic, log)
-    true = losses[n:]
+    train = (splits.train_x, splits.train_y)
+    stochastic = train_hypernet(config, *train, None, log)
+    order = tuple_order(config)
+    inferred, held = evaluate_budget(n, order, lambdas, losses, train, gram, config, stochastic, log)
+    true = losses[held]
     summary = {name: summarise(inferred[name], true) for name in MODELS}
     summary.update(true_best=float(true.min()), n_train_tuples=n, n_heldout=len(true),
-                   ground_truth_seconds=gt_seconds, ground_truth_cached=cached, config=config)
+                   ground_truth_seconds=gt_seconds, ground_truth_cached=cached)
     arrays = {"true": true, **{f"inferred_{name}": inferred[name] for name in MODELS}}
     summary["seconds"] = time.perf_counter() - t0  # this run, table excluded (ground truth too when cached)
-    table_result = None
-    if table:
+    if config.table:
         t1 = time.perf_counter()
-        table_result = run_table(config, splits, lambdas, losses, gram, stochastic, log)
-        table_result["seconds"] = time.perf_counter() - t1
-    return summary, arrays, table_result
+        summary["table"] = run_table(config, order, lambdas, losses, train, gram, stochastic, log)
+        summary["table"]["seconds"] = time.perf_counter() - t1
+    return summary, arrays
 
 
-def run_table(config, splits, lambdas, losses, gram, stochastic, log=print):
+def run_table(config, order, lambdas, losses, train, gram, stochastic, log=print):
     """True loss at each model's predicted-best lambda for every budget in config.table_budgets."""
     budgets = [b for b in config.table_budgets if b < config.n_models]
     rows = {name: [] for name in MODELS + ("true_best",)}
     for n in budgets:
         log(f"table: budget {n}")
-        inferred = evaluate_budget(n, lambdas, losses, splits, gram, config, stochastic, log)
-        true = losses[n:]
+        inferred, held = evaluate_budget(n, order, lambdas, losses, train, gram, config, stochastic, log)
+        true = losses[held]
         for name in MODELS:
             rows[name].append(summarise(inferred[name], true)["predicted_best_true_loss"])
         rows["true_best"].append(float(true.min()))
-    return {"budgets": budgets, "rows": rows, "config": config}
+    return {"budgets": budgets, "rows": rows}
 
 
 def table_tex(table):
@@ -496,22 +879,30 @@ def table_tex(table):
     return "\n".join(lines)
 
 
-def save_table(out_dir, table):
-    from common import _to_jsonable
-
-    results = Path(out_dir) / "results"
-    atomic_write_bytes(results / f"{TABLE_NAME}.json",
-                       (json.dumps(_to_jsonable(table), indent=2, sort_keys=True) + "\n").encode())
-    atomic_write_bytes(results / f"{TABLE_NAME}.tex", table_tex(table).encode())
+def report(summary):
+    """The headline numbers, a few lines."""
+    for name in MODELS:
+        s = summary[name]
+        print(f"{name}: error mean {s['error_mean']:+.4f}, std {s['error_std']:.4f}, "
+              f"true loss at predicted best {s['predicted_best_true_loss']:.4f}")
+    print(f"true best {summary['true_best']:.4f}; {summary['seconds']:.0f} s (table excluded)")
+    if "table" in summary:
+        print("table budgets: " + " ".join(map(str, summary["table"]["budgets"])))
+        for name, row in summary["table"]["rows"].items():
+            print(f"table {name}: " + " ".join(f"{x:.3f}" for x in row))
 
 
 # ---------------------------------------------------------------------------------------- plot
 
 COLORS = {"gp": ("Reds", "r"), "hypernet_fixed": ("Greens", "g"), "hypernet_stochastic": ("Blues", "b")}
-EXTENT = (0.6, 1.1)               # hexbin axes, both
+EXTENT = (0.6, 1.1)               # hexbin axes, both (released code)
 LOSS_TICKS = (0.7, 0.8, 0.9, 1.0)
-ERROR_RANGE = (-0.35, 0.6)        # histogram x range
+ERROR_RANGE = (-0.35, 0.6)        # histogram x range (released code)
 ERROR_TICKS = (-0.2, 0.0, 0.2, 0.4, 0.6)
+PAPER_AXES_MIN_FRACTION = 0.5     # the paper's fixed axes are kept while every panel shows at least this much
+# of its points; otherwise (e.g. --quick, losses near 2.2) the axes are fitted to the data
+FIT_PERCENTILES = (1.0, 99.0)     # fitted axes span these percentiles of the data (outliers would squash it)
+AUTO_TICKS = 4                    # ticks on a fitted axis
 FONT_SIZE = 32
 HEXBIN_GRID = 60
 HIST_BINS = 50
@@ -522,25 +913,52 @@ def _clean_axes(ax):
         ax.spines[side].set_visible(False)
 
 
+def _inside_fraction(values, limits):
+    values = np.asarray(values)
+    return float(np.mean((values >= limits[0]) & (values <= limits[1]))) if values.size else 1.0
+
+
+def _fitted_range(values_list):
+    """(lo, hi): the FIT_PERCENTILES range of all the values, padded by plotting.fit_limits' margin."""
+    from plotting import LIMIT_MARGIN
+
+    flat = np.concatenate([np.ravel(v) for v in values_list])
+    lo, hi = np.percentile(flat, FIT_PERCENTILES)
+    pad = LIMIT_MARGIN * (hi - lo) if hi > lo else LIMIT_MARGIN * max(abs(lo), 1.0)
+    return float(lo - pad), float(hi + pad)
+
+
 def plot(summary, arrays, out_dir):
-    """Figures learn_vs_true_loss_scatter / _hist (three panels each) and the six single panels."""
+    """Figures learn_vs_true_loss_scatter / _hist (three panels each), the six single panels and, when the
+    summary holds it, results/gp_vs_hypernet_table.tex. Returns the paths written."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from plotting import close, save_figure, save_panel, set_paper_style
 
     set_paper_style(FONT_SIZE)
-    true = arrays["true"]
+    true = np.asarray(arrays["true"], dtype=float)
+    inferred = {name: np.asarray(arrays[f"inferred_{name}"], dtype=float) for name in MODELS}
+    if any(v.shape != true.shape for v in inferred.values()) or true.ndim != 1 or true.size == 0:
+        raise ValueError("the true and inferred losses must be non-empty 1-D arrays of one length")
+    out_dir = Path(out_dir)
     written = []
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 7), sharey=True)
+    paper_axes = all(_inside_fraction(v, EXTENT) >= PAPER_AXES_MIN_FRACTION for v in (true, *inferred.values()))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 7), sharey=paper_axes)
     for ax, name in zip(axes, MODELS, strict=True):
-        ax.hexbin(true, arrays[f"inferred_{name}"], gridsize=HEXBIN_GRID, cmap=COLORS[name][0], mincnt=1,
-                  extent=EXTENT + EXTENT, linewidths=0.2)
-        ax.plot(EXTENT, EXTENT, "k-", linewidth=1)
-        ax.set_xlim(EXTENT)
-        ax.set_ylim(EXTENT)
-        ax.set_xticks(LOSS_TICKS)
-        ax.set_yticks(LOSS_TICKS)
+        extent = EXTENT if paper_axes else _fitted_range([true, inferred[name]])
+        ax.hexbin(true, inferred[name], gridsize=HEXBIN_GRID, cmap=COLORS[name][0], mincnt=1,
+                  extent=extent + extent, linewidths=0.2)
+        ax.plot(extent, extent, "k-", linewidth=1)
+        ax.set_xlim(extent)
+        ax.set_ylim(extent)
+        if paper_axes:
+            ax.set_xticks(LOSS_TICKS)
+            ax.set_yticks(LOSS_TICKS)
+        else:
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(MaxNLocator(AUTO_TICKS))
         ax.tick_params(length=0)
         _clean_axes(ax)
     fig.tight_layout()
@@ -549,14 +967,20 @@ def plot(summary, arrays, out_dir):
         written += save_panel(fig, ax, f"ax{i}_scatter", out_dir, pad=(1.05, 1.05))
     close(fig)
 
-    errors = {name: arrays[f"inferred_{name}"] - true for name in MODELS}
+    errors = {name: inferred[name] - true for name in MODELS}
+    paper_axes = all(_inside_fraction(e, ERROR_RANGE) >= PAPER_AXES_MIN_FRACTION for e in errors.values())
+    error_range = ERROR_RANGE if paper_axes else _fitted_range(list(errors.values()))
     fig, axes = plt.subplots(1, 3, figsize=(16, 7), sharey=True)
     for ax, name in zip(axes, MODELS, strict=True):
-        ax.hist(errors[name], bins=HIST_BINS, density=True, color=COLORS[name][1], histtype="stepfilled")
+        ax.hist(errors[name], bins=HIST_BINS, density=True, color=COLORS[name][1], histtype="stepfilled",
+                range=None if paper_axes else error_range)
         ax.axvline(0.0, color="k", linestyle="--", linewidth=1)
-        ax.set_xlim(ERROR_RANGE)
-        ax.set_xticks(ERROR_TICKS)
-        ax.set_xticklabels([f"{t:.1f}".replace("-", "\u2212") for t in ERROR_TICKS])
+        ax.set_xlim(error_range)
+        if paper_axes:
+            ax.set_xticks(ERROR_TICKS)
+            ax.set_xticklabels([f"{t:.1f}".replace("-", "\u2212") for t in ERROR_TICKS])
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(AUTO_TICKS))
         ax.set_yticks([])
         ax.tick_params(length=0)
         _clean_axes(ax)
@@ -565,72 +989,134 @@ def plot(summary, arrays, out_dir):
     for i, ax in enumerate(axes):
         written += save_panel(fig, ax, f"ax{i}_hist", out_dir, pad=(1.05, 1.05))
     close(fig)
+
+    if "table" in summary:
+        path = out_dir / "results" / TABLE_TEX
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(table_tex(summary["table"]))
+        written.append(path)
     return written
 
 
-# ----------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------ paper numbers, claims
 
-def build_config(args):
-    overrides = dict(QUICK) if args.quick else {}
-    overrides.update(seed=args.seed, synthetic=args.synthetic)
-    if args.n_train_tuples is not None:
-        overrides["n_train_tuples"] = args.n_train_tuples
-    if args.n_models is not None:
-        overrides["n_models"] = args.n_models
-    if args.gt_steps is not None:
-        overrides["gt_steps"] = args.gt_steps
-    if args.float64:
-        overrides["gt_dtype"] = "float64"
-    if args.log_every is not None:
-        overrides["log_every"] = args.log_every
-    return dataclasses.replace(Config(), **overrides)
+def _best_gap(s, model):
+    return s[model]["predicted_best_true_loss"] - s["true_best"]
 
 
-def parse_args(argv):
-    parser = experiment_parser("Learned versus true validation loss: GP and hypernetworks (paper Figure 6).")
-    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                        help="processes for the ground truth (joblib; results identical for any N; default: all cores)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute the ground truth, ignoring its cache")
-    parser.add_argument("--cache-dir", default=None, help=f"ground-truth cache folder (default {DEFAULT_CACHE_DIR})")
-    parser.add_argument("--n-train-tuples", type=positive_int, default=None,
-                        help="(lambda, loss) tuples that train the surrogates (default 25)")
-    parser.add_argument("--n-models", type=positive_int, default=None, help="ground-truth models (default 10240)")
-    parser.add_argument("--gt-steps", type=positive_int, default=None, help="Adam steps per ground-truth model (1000)")
-    parser.add_argument("--float64", action="store_true", help="train the ground truth in float64 (about 2x slower)")
-    parser.add_argument("--table", action="store_true",
-                        help="also run the budgets 10/25/100/250/1000 -> results/gp_vs_hypernet_table.json/.tex")
-    return parser.parse_args(argv)
+def tex_numbers(summary):
+    """Every number main.tex quotes from this experiment: macro name -> LaTeX text."""
+    s, c = summary, summary["config"]
+    out = {}
+    for prefix, model in (("GP", "gp"), ("Fixed", "hypernet_fixed"), ("Stoch", "hypernet_stochastic")):
+        out[f"Scatter{prefix}ErrorMean"] = texfmt.err(s[model]["error_mean"])
+        out[f"Scatter{prefix}ErrorStd"] = texfmt.err(s[model]["error_std"])
+        out[f"Scatter{prefix}BestTrue"] = texfmt.nll(s[model]["predicted_best_true_loss"])
+        out[f"Scatter{prefix}BestGap"] = texfmt.err(_best_gap(s, model))
+    stds = {m: s[m]["error_std"] for m in MODELS}
+    out["ScatterStochSpreadWord"] = texfmt.choose(
+        stds["hypernet_stochastic"] < min(stds["gp"], stds["hypernet_fixed"]), "the smallest", "not the smallest")
+    out["ScatterGPBiasWord"] = texfmt.choose(s["gp"]["error_mean"] < 0, "under-predicts", "over-predicts")
+    out["ScatterFixedBiasWord"] = texfmt.choose(s["hypernet_fixed"]["error_mean"] < 0, "under-predicts",
+                                                "over-predicts")
+    out["ScatterTrueBest"] = texfmt.nll(s["true_best"])
+    out["ScatterNTrain"] = texfmt.integer(s["n_train_tuples"])
+    out["ScatterNHeldout"] = texfmt.integer(s["n_heldout"])
+    out["ScatterSeconds"] = texfmt.seconds(s["seconds"])
+    out["ScatterGroundTruthSeconds"] = texfmt.seconds(s["ground_truth_seconds"])
+    out["ScatterGTCachedWord"] = texfmt.choose(s["ground_truth_cached"], "loaded them from the on-disk cache",
+                                               "trained them itself")
+    out["ScatterModels"] = texfmt.integer(c["n_models"])
+    out["ScatterBatch"] = texfmt.integer(c["batch_size"])
+    out["ScatterGTSteps"] = texfmt.integer(c["gt_steps"])
+    out["ScatterGTDtype"] = texfmt.text("float64" if c["float64"] else "float32")
+    out["ScatterFixedSteps"] = texfmt.integer(c["fixed_steps"])
+    out["ScatterStochSteps"] = texfmt.integer(c["stochastic_steps"])
+    return out
 
 
-def main(argv=None):
-    from plotting import resolve_out_dir
+# Thresholds of the verdicts (NLL units; SPEC section 10).
+CENTRED_TOL = 0.02       # stochastic hypernetwork: |mean error| at most this counts as centred on 0
+RIGHT_TAIL_SKEW = 0.5    # fixed hypernetwork: error skewness above this counts as a long right tail
+BEST_GAP_REPRODUCED = 0.01   # true loss at the predicted best within this of the true best: close
+BEST_GAP_PARTLY = 0.03
+TABLE_TOL_REPRODUCED = 0.02  # a table entry within this of the paper's
+TABLE_TOL_PARTLY = 0.06
+# The paper's commented-out table (SPEC section 6): true loss at each model's predicted best, per budget.
+PAPER_TABLE = {10: (0.90, 0.65, 0.60), 25: (0.67, 0.60, 0.61), 100: (0.60, 0.59, 0.59), 250: (0.60, 0.59, 0.59),
+               1000: (0.62, 0.59, 0.59)}
 
-    args = parse_args(argv)
-    out_dir = resolve_out_dir(args.out_dir)
-    if args.replot:
-        summary, arrays = load_results(out_dir, NAME)
-        for path in plot(summary, arrays, out_dir):
-            print(f"wrote {path}")
-        return 0
-    config = build_config(args)
-    splits = load_splits(config, args.data_dir)
-    summary, arrays, table = run(config, splits, jobs=args.jobs, cache_dir=args.cache_dir or DEFAULT_CACHE_DIR,
-                                 use_cache=not args.no_cache, table=args.table)
-    save_results(out_dir, NAME, summary, arrays)
-    if table is not None:
-        save_table(out_dir, table)
-    for name in MODELS:
-        s = summary[name]
-        print(f"{name}: error mean {s['error_mean']:+.4f}, std {s['error_std']:.4f}, "
-              f"true loss at predicted best {s['predicted_best_true_loss']:.4f}")
-    print(f"true best {summary['true_best']:.4f}; {summary['seconds']:.0f} s in total")
-    if table is not None:
-        for name, row in table["rows"].items():
-            print(f"table {name}: " + " ".join(f"{x:.3f}" for x in row))
-    plot(summary, arrays, out_dir)
-    print(f"figures in {out_dir}")
-    return 0
+
+def _gp_under(s):
+    mean, median = s["gp"]["error_mean"], s["gp"]["error_median"]
+    return mean, ("reproduced" if mean < 0 and median < 0 else "partly" if mean < 0 or median < 0
+                  else "not reproduced")
+
+
+def _fixed_over(s):
+    f = s["hypernet_fixed"]
+    verdict = ("reproduced" if f["error_mean"] > 0 and f["error_skew"] > RIGHT_TAIL_SKEW
+               else "partly" if f["error_mean"] > 0 else "not reproduced")
+    return f"mean {f['error_mean']:+.3f}, skew {f['error_skew']:.2f}", verdict
+
+
+def _stochastic_centred(s):
+    c = s["hypernet_stochastic"]
+    tightest = c["error_std"] < min(s["gp"]["error_std"], s["hypernet_fixed"]["error_std"])
+    centred = abs(c["error_mean"]) <= CENTRED_TOL
+    verdict = "reproduced" if tightest and centred else "partly" if tightest or centred else "not reproduced"
+    return f"mean {c['error_mean']:+.3f}, sd {c['error_std']:.3f}", verdict
+
+
+def _stochastic_best(s):
+    gap = _best_gap(s, "hypernet_stochastic")
+    return gap, ("reproduced" if gap <= BEST_GAP_REPRODUCED else "partly" if gap <= BEST_GAP_PARTLY
+                 else "not reproduced")
+
+
+def _table_row(budget):
+    def evaluate(s):
+        table = s.get("table")
+        if not table or budget not in table["budgets"]:
+            return "not run", "not reproduced"
+        j = table["budgets"].index(budget)
+        ours = [table["rows"][m][j] for m in MODELS]
+        worst = max(abs(a - b) for a, b in zip(ours, PAPER_TABLE[budget], strict=True))
+        verdict = ("reproduced" if worst <= TABLE_TOL_REPRODUCED else "partly" if worst <= TABLE_TOL_PARTLY
+                   else "not reproduced")
+        return " / ".join(f"{x:.3f}" for x in ours), verdict
+    return evaluate
+
+
+CLAIMS = [
+    Claim(id="fig6-gp-under",
+          claim="The Gaussian process tends to under-predict the validation loss",
+          paper="errors mostly below 0 (Figure 6, left)",
+          evaluate=_gp_under, fmt="{:+.3f}",
+          evidence="gp.error_mean, gp.error_median; learn_vs_true_loss_hist.pdf"),
+    Claim(id="fig6-fixed-over",
+          claim="The hypernetwork trained on the fixed tuples over-predicts, with a long right tail",
+          paper="errors above 0, long right tail (Figure 6, middle)",
+          evaluate=_fixed_over,
+          evidence="hypernet_fixed.error_mean, .error_skew; learn_vs_true_loss_hist.pdf"),
+    Claim(id="fig6-stochastic-centred",
+          claim="The stochastically trained hypernetwork's errors are tightly centred on 0",
+          paper="narrowest histogram, centred on 0 (Figure 6, right)",
+          evaluate=_stochastic_centred,
+          evidence="hypernet_stochastic.error_mean, .error_std; learn_vs_true_loss_hist.pdf"),
+    Claim(id="fig6-stochastic-best",
+          claim="The stochastic hypernetwork's predicted best has a true loss close to the true best",
+          paper="0.60 vs 0.593 (table, 25 tuples: 0.61)",
+          evaluate=_stochastic_best, fmt="{:.3f}",
+          evidence="hypernet_stochastic.predicted_best_true_loss - true_best; learn_vs_true_loss_scatter.pdf"),
+    *[Claim(id=f"table-{budget}",
+            claim=f"True loss at the predicted best with {budget} evaluated tuples (GP / fixed / stochastic)",
+            paper=" / ".join(f"{x:.2f}" for x in PAPER_TABLE[budget]),
+            evaluate=_table_row(budget),
+            evidence=f"table.rows at budget {budget}; results/{TABLE_TEX}")
+      for budget in PAPER_TABLE],
+]
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(common.main(sys.modules[__name__]))

@@ -1,11 +1,14 @@
 """loss_manifold.py: the analytic curves, the minimisers against a dense search, figures and JSON."""
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+import common
 import loss_manifold as lm
 from conftest import CODE
 
@@ -25,7 +28,7 @@ def test_best_response_minimises_training_loss():
 
 def test_minimisers_match_dense_search():
     c = lm.Config()
-    summary, _ = lm.run(c)
+    summary, _ = lm.run(c, None)
     dense = dense_argmin(lambda x: lm.valid_loss(lm.best_response(x)), c.lam_low, c.lam_high)
     dense_phi = dense_argmin(lambda x: lm.valid_loss(lm.hypernet_response(x)), c.phi_low, c.phi_high)
     assert summary["lambda_star"] == pytest.approx(dense, abs=1e-5)
@@ -43,7 +46,7 @@ def test_minimiser_respects_range():
 
 
 def test_grid_matches_spec():
-    _, arrays = lm.run(lm.Config())
+    _, arrays = lm.run(lm.Config(), None)
     assert arrays["w"].shape == (100,) and arrays["lam"].shape == (100,)
     assert arrays["train_surface"].shape == (100, 100)
     assert arrays["lam_phi"].min() >= -np.pi / 1.61 and arrays["lam_phi"].max() < np.pi / 1.65
@@ -53,20 +56,50 @@ def test_script_end_to_end_and_replot(tmp_path):
     cmd = [sys.executable, str(CODE / "loss_manifold.py"), "--out-dir", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "lambda* = 1.570796" in out.stdout
     names = [f"{n}.{e}" for n in ("train_loss_manifold", "valid_loss_manifold") for e in ("pdf", "png")]
     for name in names:
         assert (tmp_path / name).stat().st_size > 1000
     summary = json.loads((tmp_path / "results" / "loss_manifold.json").read_text())
-    assert {"lambda_star", "lambda_phi_star"} <= set(summary)
+    assert {"lambda_star", "lambda_phi_star", "provenance", "config"} <= set(summary)
+    pdfs = {name: (tmp_path / name).read_bytes() for name in names if name.endswith(".pdf")}
     for name in names:
         (tmp_path / name).unlink()
-    assert lm.main(["--out-dir", str(tmp_path), "--replot"]) == 0  # redraw from the saved results only
+    assert common.main(lm, ["--out-dir", str(tmp_path), "--replot"]) == 0  # redraw from the saved results only
     assert all((tmp_path / name).exists() for name in names)
+    assert all((tmp_path / name).read_bytes() == data for name, data in pdfs.items())  # byte-identical
 
 
 def test_replot_without_results_is_one_line_error(tmp_path, capsys):
-    from common import run_main
-
-    assert run_main(lm.main, ["--out-dir", str(tmp_path), "--replot"]) == 1
+    assert common.main(lm, ["--out-dir", str(tmp_path), "--replot"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_seed_changes_nothing():
+    a, b = lm.run(lm.Config(), None), lm.run(lm.Config(seed=123), None)
+    assert a[0] == b[0] and all(np.array_equal(a[1][k], b[1][k]) for k in a[1])
+
+
+@pytest.mark.parametrize("args", [["--w-step", "0"], ["--w-step", "1e-9"], ["--lam-low", "4"], ["--seed", "-1"],
+                                  ["--search-points", "2"], ["--search-points", str(10**12)], ["--stride", "x"]])
+def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, args):
+    assert common.main(lm, ["--out-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "results").exists()
+
+
+def test_claims_and_tex_numbers():
+    summary, _ = lm.run(lm.Config(), None)
+    verdicts = {c.id: c.evaluate(summary) for c in lm.CLAIMS}
+    assert all(v == "reproduced" for _, v in verdicts.values()), verdicts
+    assert verdicts["fig3-lambda-star"][0] == pytest.approx(np.pi / 2, abs=1e-8)
+    moved = lm.run(dataclasses.replace(lm.Config(), lam_hat=0.5), None)[0]  # not the tangent point any more
+    assert dict((c.id, c.evaluate(moved)) for c in lm.CLAIMS)["fig3-tangent"][1] == "not reproduced"
+    short = lm.run(dataclasses.replace(lm.Config(), phi_high=1.0), None)[0]  # a range that misses pi/2
+    assert dict((c.id, c.evaluate(short)) for c in lm.CLAIMS)["fig3-lambda-phi-star"][1] != "reproduced"
+    numbers = lm.tex_numbers(summary)
+    assert numbers["ManifoldLambdaStar"] == r"\ensuremath{1.57}"
+    main_tex = (CODE.parent / "paper" / "main.tex").read_text()
+    assert set(re.findall(r"\\(Manifold[A-Za-z]+)", main_tex)) <= set(numbers)
