@@ -67,12 +67,13 @@ def test_decay_gradient_equals_autograd():
 
 def test_grid_training_follows_the_reference_stopping_rule(splits):
     """One model of the stacked grid = references.train_to_convergence with the same rule, start and minibatches."""
-    config = dataclasses.replace(TINY, step_size=3e-3, search_eval_every=10, search_patience=2, search_max_steps=200)
+    config = dataclasses.replace(TINY, step_size=1e-2, search_eval_every=2, search_patience=6, search_max_steps=400)
     w0 = start()
     [ours] = layers.converge_grid(SIZES, [-6.0], splits, config, w0)
     ref = references.train_to_convergence(SIZES, -6.0, splits, seed=config.seed, step_size=config.step_size,
-                                          batch_size=config.batch_size, eval_every=10, patience=2, max_steps=200, w0=w0)
+                                          batch_size=config.batch_size, eval_every=2, patience=6, max_steps=400, w0=w0)
     assert ours["step"] == ref["step"] and ours["steps"] == ref["steps"] and ours["converged"] == ref["converged"]
+    assert ref["converged"] and ref["steps"] < 400  # stopped by the rule, on a noisy validation curve
     assert ours["valid"] == pytest.approx(ref["valid"], rel=1e-9)
     assert ours["test"] == pytest.approx(ref["test"], rel=1e-9)
 
@@ -114,6 +115,18 @@ def test_baselines_never_train_on_validation_or_test_data(splits):
                               None)
     assert linear["test"] == moved["test"]
     assert linear["valid"][0] == pytest.approx(references.fixed_lambda_reference(-7.0, splits)["valid"], rel=1e-12)
+
+
+def test_hand_tuned_setting_is_picked_on_validation_data(splits):
+    config = dataclasses.replace(TINY, search_lambdas=(-9.0, -7.0, -5.0, -3.0, -1.0))
+    rs = np.random.RandomState(9)
+    base = layers.hand_tuned((784, 10), splits, config, None, log=lambda line: None)
+    noisy = layers.hand_tuned((784, 10), perturbed(splits, "test", rs), config, None, log=lambda line: None)
+    for result in (base, noisy):
+        assert result["best_valid"] == min(result["valid"])
+        assert result["best_lambda"] == result["lambdas"][int(np.argmin(result["valid"]))]
+    assert noisy["best_lambda"] == base["best_lambda"] and noisy["test"] != base["test"]
+    assert int(np.argmin(noisy["test"])) != int(np.argmin(noisy["valid"]))  # the test set would pick another
 
 
 def test_control_is_plain_training_on_the_hypernetworks_minibatches(splits):
@@ -183,7 +196,10 @@ def test_quick_end_to_end_replot_and_iters_reproducible(tmp_path, capsys):
         for key in ("final_valid", "final_test", "best_valid", "lambda_mean"):
             assert m[key] == other[key]
         assert m["control"]["final_valid"] == other["control"]["final_valid"]
-        assert hand == other["hand_tuned"]
+        assert {**hand, "cpu_seconds": 0} == {**other["hand_tuned"], "cpu_seconds": 0}
+    with np.load(tmp_path / "0" / "results" / "compare_number_layers.npz") as npz:
+        for name in models:  # the control starts where hyper-training starts
+            assert npz[f"{name}_control_valid"][0] == pytest.approx(npz[f"{name}_valid"][0], rel=1e-12)
     png = tmp_path / "0" / "compare_number_layers.png"
     assert png.exists() and (tmp_path / "0" / "compare_number_layers.pdf").exists()
     png.unlink()
@@ -192,7 +208,16 @@ def test_quick_end_to_end_replot_and_iters_reproducible(tmp_path, capsys):
     assert png.exists()
 
 
-@pytest.mark.parametrize("argv", [["--seconds", "1,2"], ["--step-size", "0"], ["--search-lambdas", "-8,-6"],
+def test_budget_is_extended_to_the_step_floor(tmp_path, capsys):
+    code, _, err = run(capsys, "--quick", "--seconds", "0.001,0.001,0.001", "--min-steps", "3,3,3", "--out-dir",
+                       str(tmp_path))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "results" / "compare_number_layers.json").read_text())
+    for m in summary["models"].values():
+        assert m["steps"] == 3 and m["budget_extended_to_min_steps"] and m["control"]["steps"] == 30
+
+
+@pytest.mark.parametrize("argv", [["--seconds", "1,2"], ["--min-steps", "1,2"], ["--step-size", "0"], ["--search-lambdas", "-8,-6"],
                                   ["--models", "784-100"], ["--n-train", str(10**12)], ["--paper-budgets", "--seconds", "1,1,1"],
                                   ["--seconds", "1e-9,1e-9,1e-9"], ["--seed", str(2**32)]])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):

@@ -122,6 +122,19 @@ def test_training_never_reads_validation_or_test_data(splits):
     np.testing.assert_array_equal(sa.lam, sb.lam)
 
 
+def test_control_is_plain_training_at_the_start_lambda_on_the_hypernetworks_minibatches(splits):
+    from per_weight_decay import STREAM_TRAIN_BATCH
+
+    state, step_fn, evaluate = med.make_control(splits, TINY)
+    for i in range(6):
+        state = step_fn(state, i)
+    lams = np.full((1, 10), TINY.lambda_init)
+    expected, valid, _ = med.train_elementary(lams, splits, TINY, (STREAM_TRAIN_BATCH,), 6, TINY.hypernet_step,
+                                              record=(6,))
+    np.testing.assert_allclose(state.w, expected, rtol=1e-12)
+    assert evaluate(state)[0] == pytest.approx(valid[-1, 0], rel=1e-12)
+
+
 def test_expected_improvement_values():
     best = 1.0
     # At mean == best, EI = std * pdf(0); far below best it tends to best - mean; far above, to 0.
@@ -201,6 +214,9 @@ def test_end_to_end_quick_run_with_control_retraining_and_replot(tmp_path, capsy
         np.testing.assert_array_equal(npz["rescore_lambdas"][-1], np.full(10, TINY.lambda_init))
         for k, method in enumerate(("hypernet", "random", "bayesopt")):
             np.testing.assert_array_equal(npz["rescore_lambdas"][k], summary["methods"][method]["best_lambda"])
+        for method in ("random", "bayesopt"):  # the best lambda is picked on validation data
+            best = npz[f"{method}_lambdas"][np.argmin(npz[f"{method}_eval_valid"])]
+            np.testing.assert_array_equal(summary["methods"][method]["best_lambda"], best)
     assert "common retraining" in out or "retrained" in out
     for stem in ("hypernets_local_medium", "hypernets_local_medium_rescored"):
         assert (tmp_path / f"{stem}.pdf").exists()
@@ -237,6 +253,12 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
     code, _, err = run(capsys, "--out-dir", str(tmp_path), *argv)
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_budget_that_lets_a_baseline_finish_nothing_is_an_error(tmp_path, capsys):
+    code, _, err = run(capsys, "--quick", "--seconds", "0.01", "--slice-seconds", "0.01", "--out-dir", str(tmp_path))
+    assert code == 1 and "finished no evaluation" in err and err.count("\n") == 1, err
     assert not (tmp_path / "results").exists()
 
 
