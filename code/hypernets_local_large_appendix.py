@@ -219,8 +219,7 @@ def claim_levels(s):
 def claim_beats_random(s):
     h, r, ref = s["hyper"], s["random"], s["reference"]
     lead = r["final_valid_nll"] - h["final_valid_nll"]
-    value = (f"lead {lead:+.3f} (hyper {h['final_valid_nll']:.3f}, random best {r['final_valid_nll']:.3f}, "
-             f"fixed-lambda reference {ref['valid_nll']:.3f})")
+    value = f"hyper {h['final_valid_nll']:.3f} vs {r['final_valid_nll']:.3f} (reference {ref['valid_nll']:.3f})"
     if lead <= 0:
         return value, "not reproduced"
     if not h["tunes"]:   # the lead is lambda_hat_0's, not hyper-training's
@@ -230,7 +229,7 @@ def claim_beats_random(s):
 
 def claim_tunes(s):
     h = s["hyper"]
-    value = f"exact gain {h['exact_gain']:+.5f} MSE, cosine {h['cosine']['mean']:+.3f}"
+    value = f"gain of lambda_hat {h['exact_gain']:+.5f} MSE, cosine {h['cosine']['mean']:+.3f}"
     if h["tunes"] and h["cosine"]["mean"] >= large.COSINE_ZERO:
         return value, "reproduced"
     if not h["tunes"] and abs(h["cosine"]["mean"]) < large.COSINE_ZERO:

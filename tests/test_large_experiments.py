@@ -377,3 +377,15 @@ def test_invalid_arguments_rejected(tmp_path, capsys, args):
 def test_replot_without_results_is_clean_error(tmp_path, capsys):
     assert run_cli("--replot", "--out-dir", str(tmp_path)) == 1
     assert capsys.readouterr().err.startswith("error: no saved results")
+
+
+def test_paper_budgets_environment_variable_sets_the_default():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PAPER_BUDGETS": "1"}
+    out = subprocess.run([sys.executable, str(large.__file__), "--help"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0
+    help_text = " ".join(out.stdout.split())
+    assert "PAPER_BUDGETS=1) (default: True)" in help_text
