@@ -176,7 +176,7 @@ def summary_with(hyper, random, bayes, control, figure=(0.5, 0.6, 0.6)):
     """A minimal summary for the claims: re-scored validation losses and the figure's end values."""
     rescored = {m: {"valid": v, "test": v + 0.05} for m, v in zip(med.RESCORED, (hyper, random, bayes, control),
                                                                    strict=True)}
-    methods = {"hypernet": {"final_valid": figure[0]}, "random": {"best_valid": figure[1]},
+    methods = {"hypernet": {"plateau_valid": figure[0]}, "random": {"best_valid": figure[1]},
                "bayesopt": {"best_valid": figure[2]}}
     return {"rescored": rescored, "methods": methods}
 
