@@ -68,7 +68,7 @@ class Config:
     train_tuples: str = setting("first", choices=("first", "drawn"))  # which ground-truth tuples train the
     # surrogates: the first n_train_tuples (released code), or n_train_tuples drawn with --seed (seed studies)
     lambda_low: float = setting(-3.0)  # lambda ~ U(lambda_low, lambda_high)^10 (released code)
-    lambda_high: float = setting(3.0)  # (released code)
+    lambda_high: float = setting(3.0)  # upper end of that range (released code)
     n_models: int = setting(10240, lo=2)  # ground-truth (lambda, validation loss) pairs (released code)
     n_train_tuples: int = setting(25, lo=1)  # tuples that train the surrogates; the rest are held out (released
     # code)
@@ -96,9 +96,9 @@ class Config:
     # table (the paper's); budgets that leave no held-out tuple are skipped
     use_cache: bool = setting(True, flag="cache")  # load the ground truth from the cache when valid (--no-cache:
     # always recompute, then cache)
-    cache_dir: str = setting(f"{REPO_TOKEN}/cache")  # ground-truth cache folder
-    log_every: int = setting(20, lo=1)  # ground-truth chunks between progress lines
-    hyper_log_every: int = setting(100, lo=1)  # hypernetwork steps between progress lines
+    cache_dir: str = setting(f"{REPO_TOKEN}/cache")  # ground-truth cache folder (<repo> is the repository root)
+    log_every: int = setting(20, lo=1)  # ground-truth chunks between progress lines (our choice)
+    hyper_log_every: int = setting(100, lo=1)  # hypernetwork steps between progress lines (our choice)
 
 
 QUICK = dict(n_models=320, n_train_points=1500, n_valid_points=500, gt_steps=40, fixed_steps=60,
@@ -116,13 +116,17 @@ def validate(config):
     if config.batch_size >= config.n_train_points:
         raise common.UsageError(f"--batch-size {config.batch_size} must be below --n-train-points "
                                 f"{config.n_train_points}")
+    if config.table and not config.table_budgets:
+        raise common.UsageError("--table-budgets is empty; give at least one budget or use --no-table")
     itemsize = 8 if config.float64 else 4
     weights = LAYERS[0] * N_CLASSES + N_CLASSES
+    gp_points = max([config.n_train_tuples, *(b for b in config.table_budgets if config.table and b < config.n_models)])
     needed = (config.n_train_points * (LAYERS[0] + N_CLASSES) * itemsize          # training set, GT precision
               + 8 * config.chunk_size * weights * itemsize                       # one chunk's weights and buffers
               + 4 * min(config.eval_batch, config.n_models) * weights * 8        # hypernetwork evaluation
               + 8 * config.n_models * (N_HYPERS + 8)                             # lambdas, losses, predictions
-              + 8 * max(config.stochastic_batch, config.n_train_tuples) * config.batch_size * N_CLASSES * 12)
+              + 8 * max(config.stochastic_batch, gp_points) * config.batch_size * N_CLASSES * 12
+              + 8 * 3 * gp_points * (gp_points + config.n_models))               # GP kernel matrices
     common.check_memory(needed, "the scatter experiment")
 
 
@@ -1037,7 +1041,8 @@ def tex_numbers(summary):
 
 # Thresholds of the verdicts (NLL units; SPEC section 10).
 CENTRED_TOL = 0.02       # stochastic hypernetwork: |mean error| at most this counts as centred on 0
-RIGHT_TAIL_SKEW = 0.5    # fixed hypernetwork: error skewness above this counts as a long right tail
+RIGHT_TAIL_SKEW = 0.5    # fixed hypernetwork: error skewness above this counts as a long right tail (the usual
+# rule of thumb: |skewness| below 0.5 is roughly symmetric)
 BEST_GAP_REPRODUCED = 0.01   # true loss at the predicted best within this of the true best: close
 BEST_GAP_PARTLY = 0.03
 TABLE_TOL_REPRODUCED = 0.02  # a table entry within this of the paper's

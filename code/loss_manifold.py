@@ -31,14 +31,14 @@ class Config:
     seed: int = setting(7, lo=0, hi=common.SEED_MAX)  # recorded only: the problem is analytic, so every seed gives
     # the same numbers and figures (the flag exists because `make seeds` passes it to every seeded script)
     w_low: float = setting(-2.0)  # parameter grid [w_low, w_high) ... (released code)
-    w_high: float = setting(2.0)  # (released code)
+    w_high: float = setting(2.0)  # upper end of the parameter grid (released code)
     w_step: float = setting(0.04, lo=0, lo_open=True)  # ... step (released code)
     lam_low: float = setting(-np.pi)  # hyperparameter grid [lam_low, lam_high) ... (released code)
-    lam_high: float = setting(np.pi)  # (released code)
+    lam_high: float = setting(np.pi)  # upper end of the hyperparameter grid (released code)
     lam_step: float = setting(0.04 * 2 * np.pi / 4, lo=0, lo_open=True)  # ... step (released code)
     phi_low: float = setting(-np.pi / 1.61)  # the hypernetwork curve is drawn over [phi_low, phi_high) (released
     # code)
-    phi_high: float = setting(np.pi / 1.65)  # (released code)
+    phi_high: float = setting(np.pi / 1.65)  # upper end of the hypernetwork curve (released code)
     lam_hat: float = setting(0.0)  # the current hyperparameter, marked on the train figure (released code)
     stride: int = setting(10, lo=1)  # wireframe: every stride-th grid line (released code)
     elev: float = setting(46.0)  # orthographic view: elevation ... (released code)
@@ -47,7 +47,7 @@ class Config:
     search_points: int = setting(200001, lo=3)  # dense grid for the minimisers, refined by a bounded search (our
     # choice: the released code reads them off its plotting grid; this finds pi/2 to 1e-8)
     zoom: float = setting(0.9, lo=0, lo_open=True)  # 3-D axes scale inside the figure (our choice: labels fit)
-    font_size: int = setting(32, lo=1)  # (released code)
+    font_size: int = setting(32, lo=1)  # font size of every label (released code)
 
 
 QUICK = {}  # the full run takes about a second

@@ -260,11 +260,12 @@ def _debris(tmp_path, pids):
 
 
 def _parallel_run(tmp_path, tag):
-    """The script as a user starts it: a real --jobs 2 ground truth of ~30 s, from another folder."""
+    """The script as a user starts it: a real --jobs 2 ground truth, from another folder. Its chunks take
+    ~10 s or more each, so a worker that merely noticed its parent's end at its next task would be caught."""
     out = tmp_path / tag
     (tmp_path / "tmpdir").mkdir(exist_ok=True)
     cmd = [sys.executable, str(CODE / "learn_vs_true_loss_scatter.py"), "--quick", "--synthetic", "--jobs", "2",
-           "--n-models", "4096", "--chunk-size", "32", "--gt-steps", "200", "--log-every", "1",
+           "--n-models", "256", "--chunk-size", "32", "--gt-steps", "4000", "--log-every", "1",
            "--out-dir", str(out), "--cache-dir", str(tmp_path / f"cache-{tag}")]
     env = {**os.environ, "TMPDIR": str(tmp_path / "tmpdir")}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -329,7 +330,8 @@ def test_workers_die_with_the_parent_without_prctl(monkeypatch):
             def no_prctl(*args, **kwargs):
                 raise OSError("no prctl here")
             ctypes.CDLL = no_prctl  # only in this short-lived process
-            workers = lvt.ForkedWorkers(1, lambda task: task)
+            workers = lvt.ForkedWorkers(1, lambda task: time.sleep(60))
+            workers.workers[0][1].send(0)  # busy: it will not read the closed pipe for a minute
             os.write(w, str(workers.workers[0][0]).encode())
         finally:
             os._exit(0)
@@ -653,7 +655,8 @@ def test_quick_end_to_end_mnist(tmp_path, mnist_dir, capsys):
 @pytest.mark.parametrize("args", [["--jobs", "0"], ["--n-train-tuples", "-3"], ["--n-models", "x"],
                                   ["--seed", str(2**32)], ["--n-train-tuples", "64"], ["--lambda-low", "5"],
                                   ["--train-tuples", "some"], ["--n-models", str(10**12)],
-                                  ["--batch-size", "2000"]])
+                                  ["--batch-size", "2000"], ["--table-budgets", ","],
+                                  ["--n-models", "3000000", "--n-train-tuples", "2000000"]])
 def test_invalid_arguments_rejected_in_one_line(tmp_path, args, capsys):
     assert driver(*script_args(tmp_path), *args) == 2
     err = capsys.readouterr().err
