@@ -779,14 +779,14 @@ def plot_rescored(summary, out_dir):
         for dx, value in ((-0.2, valid[k]), (0.2, test[k])):
             ax.text(x[k] + dx, value, f"{value:.3f}", ha="center", va="bottom", fontsize=12)
     low, high = min(valid + test), max(valid + test)
-    ax.set_ylim(low - 0.5 * (high - low + 0.01), high + 0.4 * (high - low + 0.01))
+    ax.set_ylim(low - 0.5 * (high - low + 0.01), high + 0.6 * (high - low + 0.01))
     ax.set_xticks(x, [LABELS[m] for m in RESCORED])
     ax.set_ylabel(r"Loss $\mathcal{L}$ after retraining")
     ax.set_title(f"Each method's best $\\lambda$ retrained for {summary['rescore_steps']:,} Adam steps "
                  "(mean of the second half)", fontsize=16)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.legend(frameon=False, loc="upper right")
+    ax.legend(frameon=False, loc="upper center", ncol=2)
     fig.tight_layout()
     paths = save_figure(fig, f"{NAME}_rescored", out_dir)
     close(fig)
