@@ -4,6 +4,7 @@
 #   make test        the test suite (what CI runs)
 #   make seeds       the cheap experiments again for the seeds of code/experiments.py (scorecard mean +- sd)
 #   make paper       paper/results.tex and the scorecard from paper/results/*.json, then paper/main.pdf
+#   make ground-truth  rebuild the cached ground truth of Figure 6 (the one step make reproduce reuses)
 #   make benchmark   hot-loop speed-ups against their autograd references, and fractions of the machine's bound
 PYTHON ?= python3
 VENV   := .venv
@@ -22,15 +23,13 @@ TEX_FILES   := mathptmx.sty geometry.sty amsmath.sty booktabs.sty tabularx.sty a
                natbib.sty xcolor.sty placeins.sty hyperref.sty longtable.sty
 TEX_DEBS    := texlive-latex-base texlive-latex-recommended texlive-latex-extra texlive-science \
                texlive-fonts-recommended latexmk
-# $(call run_experiments,FLAGS): every script with FLAGS; the scatter script also writes the GP-vs-hypernet table.
-run_experiments = set -e; for s in $(EXPERIMENTS); do \
-	  extra=; if [ $$s = learn_vs_true_loss_scatter ]; then extra=--table; fi; \
-	  echo "== $$s.py $$extra $(1)"; $(PY) code/$$s.py $$extra $(1); done
+# $(call run_experiments,FLAGS): every script at its defaults, plus FLAGS.
+run_experiments = set -e; for s in $(EXPERIMENTS); do echo "== $$s.py $(1)"; $(PY) code/$$s.py $(1); done
 # $(call latex,DIR): compile DIR/main.tex; latexmk's output goes to DIR/latexmk.log, errors are shown.
 latex = cd $(1) && if $(LATEXMK) main.tex > latexmk.log 2>&1; then echo "wrote $(1)/main.pdf (log: $(1)/latexmk.log)"; \
 	else grep -A4 '^!' main.log 2>/dev/null || tail -20 latexmk.log; echo "error: LaTeX failed; see $(1)/latexmk.log"; exit 1; fi
 
-.PHONY: venv test lint data check-tex figures results-tex paper reproduce quick seeds benchmark
+.PHONY: venv test lint data check-tex figures results-tex paper reproduce quick seeds ground-truth benchmark
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -70,12 +69,18 @@ reproduce: check-tex venv data figures paper
 
 seeds: venv data
 	@set -e; for seed in $(SEEDS); do for s in $(SEEDED); do \
-	  extra=; if [ $$s = learn_vs_true_loss_scatter ]; then extra=--table; fi; \
-	  echo "== $$s.py --seed $$seed"; \
+	  extra=$$($(PYTHON) code/experiments.py --seed-flags $$s); \
+	  echo "== $$s.py --seed $$seed $$extra"; \
 	  $(PY) code/$$s.py $$extra --seed $$seed --out-dir $(CURDIR)/build/seeds/seed-$$seed; \
 	  mkdir -p $(SEEDS_DIR)/seed-$$seed/results; \
 	  cp build/seeds/seed-$$seed/results/$$s.json $(SEEDS_DIR)/seed-$$seed/results/; done; done
 	$(PY) code/make_results_tex.py --seeds-dir $(SEEDS_DIR)
+
+# The 10,240-model ground truth of Figure 6 (about 16 CPU minutes), rebuilt and cached in cache/ (committed, so
+# make reproduce reuses it); then the scatter experiment on it.
+ground-truth: venv data
+	rm -f cache/learn_vs_true_loss_ground_truth_*.npz
+	$(PY) code/learn_vs_true_loss_scatter.py --jobs 2
 
 quick: check-tex venv data
 	@$(call run_experiments,--quick --out-dir $(QUICK_DIR))

@@ -28,8 +28,6 @@ PARALLEL = False
 class Config:
     """Grid, curve ranges and view of the released figures (SPEC section 5)."""
 
-    seed: int = setting(7, lo=0, hi=common.SEED_MAX)  # recorded only: the problem is analytic, so every seed gives
-    # the same numbers and figures (the flag exists because `make seeds` passes it to every seeded script)
     w_low: float = setting(-2.0)  # parameter grid [w_low, w_high) ... (released code)
     w_high: float = setting(2.0)  # upper end of the parameter grid (released code)
     w_step: float = setting(0.04, lo=0, lo_open=True)  # ... step (released code)
