@@ -33,7 +33,6 @@ from typing import Callable, NamedTuple
 import autograd.numpy as anp
 import numpy as np
 from autograd import grad
-from threadpoolctl import threadpool_limits
 
 from common import check_finite, step_rng
 from data_loader import small_splits
@@ -678,33 +677,3 @@ def time_to_reach(curve, level):
     """First method time (CPU s) at which the validation curve is <= level, or None if it never is."""
     hits = np.nonzero(curve.valid <= level)[0]
     return float(curve.seconds[hits[0]]) if len(hits) else None
-
-
-def load_splits(config, data_dir):
-    """large_splits of MNIST (or of the synthetic stand-in when config.synthetic) at config's sizes."""
-    from data_loader import load_mnist, synthetic_mnist
-
-    data = synthetic_mnist() if config.synthetic else load_mnist(data_dir)
-    return large_splits(data, config.n_train, config.n_valid, config.n_test)
-
-
-def script_main(argv, name, parse_args, build_config, run, report, plot):
-    """main() of the scripts built on this module: parse, replot or run (one BLAS thread), report; returns 0."""
-    from common import replot_or_run
-    from plotting import resolve_out_dir
-
-    args = parse_args(argv)
-    out_dir = resolve_out_dir(args.out_dir)
-
-    def compute():
-        config = build_config(args)
-        splits = load_splits(config, args.data_dir)
-        # Overflow surfaces as a one-line DivergenceError; one BLAS thread: the products are small, and two
-        # threads on a busy 2-core machine made a development run almost stall.
-        with np.errstate(over="ignore", invalid="ignore"), threadpool_limits(limits=config.blas_threads):
-            return run(config, splits)
-
-    summary, _ = replot_or_run(out_dir, name, args.replot, compute, plot)
-    report(summary)
-    print(f"{summary['total_seconds']:.0f} s in total")
-    return 0

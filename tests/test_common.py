@@ -1,11 +1,16 @@
-"""common.py: atomic files get umask permissions; typed loading of saved results."""
+"""common.py helpers outside the driver: atomic files get umask permissions, per-step seeds, finiteness checks,
+the strict results reader, and the benchmark's argument type and error wrapper."""
+import argparse
 import os
 import stat
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
-from common import ExperimentError, atomic_write_bytes, load_results_as, save_results
+import common
+import protocol_toy as toy
+from common import ExperimentError, atomic_write_bytes
 from plotting import save_figure
 
 
@@ -26,18 +31,55 @@ def test_atomic_files_are_group_and_world_readable(tmp_path):
     assert _mode(png) == 0o644
 
 
-def test_load_results_as_reports_incomplete_results_in_one_line(tmp_path):
-    save_results(tmp_path, "exp", {"a": 1}, {"x": [1.0, 2.0]})
-    assert load_results_as(tmp_path, "exp", lambda s, a: (s["a"], a["x"].sum())) == (1, 3.0)
-    with pytest.raises(ExperimentError, match="incomplete or from another version.*run without --replot"):
-        load_results_as(tmp_path, "exp", lambda s, a: s["missing"])
+def test_step_rng():
+    a = common.step_rng(7, 3).randn(5)
+    np.testing.assert_array_equal(a, common.step_rng(7, 3).randn(5))
+    assert not np.allclose(a, common.step_rng(7, 4).randn(5))
+    assert not np.allclose(a, common.step_rng(8, 3).randn(5))
+    assert not np.allclose(a, common.step_rng(7, 3, 1).randn(5))
 
 
-def test_quick_runs_default_to_build_quick_not_paper():
-    from common import QUICK_OUT_DIR, experiment_parser
+def test_check_finite():
+    common.check_finite(np.array([1.0, 2.0]), 5)
+    with pytest.raises(common.DivergenceError, match="objective is not finite at step 12"):
+        common.check_finite(np.array([1.0, np.nan]), 12)
+    with pytest.raises(common.DivergenceError, match="loss is not finite at step 0"):
+        common.check_finite(np.inf, 0, "loss")
 
-    parser = experiment_parser("x")
-    assert parser.parse_args([]).out_dir is None                      # default: paper/ (resolved by plotting)
-    assert parser.parse_args(["--quick"]).out_dir == str(QUICK_OUT_DIR)
-    assert parser.parse_args(["--quick", "--out-dir", "/tmp/o"]).out_dir == "/tmp/o"
-    assert QUICK_OUT_DIR.parts[-2:] == ("build", "quick")
+
+def test_load_results_reads_a_driver_run_and_rejects_damage(tmp_path, capsys):
+    assert common.main(toy, ["--out-dir", str(tmp_path)]) == 0
+    summary, arrays = common.load_results(tmp_path, "protocol_toy")
+    assert summary["experiment"] == "protocol_toy" and arrays["grid"].shape == (3, 4)
+    with pytest.raises(ExperimentError, match="no saved results"):
+        common.load_results(tmp_path, "other")
+    (tmp_path / "results" / "protocol_toy.json").write_text('{"a": NaN}')
+    with pytest.raises(ExperimentError, match="not valid results JSON"):
+        common.load_results(tmp_path, "protocol_toy")
+
+
+def test_load_results_never_unpickles(tmp_path, capsys):
+    assert common.main(toy, ["--out-dir", str(tmp_path)]) == 0
+    np.savez(tmp_path / "results" / "protocol_toy.npz", objects=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ExperimentError, match="unreadable"):
+        common.load_results(tmp_path, "protocol_toy")
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "nan", "inf", "abc", "1.5", ""])
+def test_positive_int_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        common.positive_int(text)
+
+
+def test_run_main_reports_one_line(capsys):
+    def failing(argv):
+        raise common.DivergenceError("objective is not finite at step 3")
+    assert common.run_main(failing, []) == 1
+    assert capsys.readouterr().err == "error: objective is not finite at step 3\n"
+    assert common.run_main(lambda argv: 0, []) == 0
+
+
+def test_quick_output_goes_to_build_quick():
+    assert common.QUICK_OUT_DIR.parts[-2:] == ("build", "quick")
+    args = common.build_parser(toy).parse_args(["--quick"])
+    assert common.resolve_out(args) == common.QUICK_OUT_DIR

@@ -1,7 +1,5 @@
 """Figure saving (valid PDF/PNG, atomic, panels, byte-reproducible), paper style without font warnings, the
 quick-run helpers (fit_limits, place_legend), and common.py helpers."""
-import argparse
-import dataclasses
 import logging
 import os
 import struct
@@ -12,7 +10,6 @@ import warnings
 import numpy as np
 import pytest
 
-import common
 import plotting
 from conftest import CODE, REPO
 
@@ -287,105 +284,3 @@ def test_place_legend_forced_outside():
     ax.plot([0, 1], [0, 0.1], label="low")
     assert legend_box(fig, plotting.place_legend(ax, outside=True)).x0 >= ax.bbox.x1
     plotting.close(fig)
-
-
-# ------------------------------------------------------------------------------------------ common
-
-@dataclasses.dataclass(frozen=True)
-class DemoConfig:
-    steps: int = 3
-    rate: float = 1e-4
-
-
-def test_results_round_trip(tmp_path):
-    summary = {"config": DemoConfig(), "best": np.float64(1.5), "count": np.int64(3), "path": tmp_path,
-               "list": (1, 2)}
-    arrays = {"curve": np.linspace(0, 1, 5), "ints": np.arange(3)}
-    json_path, npz_path = common.save_results(tmp_path, "demo", summary, arrays)
-    assert json_path == tmp_path / "results" / "demo.json" and npz_path.exists()
-    loaded, loaded_arrays = common.load_results(tmp_path, "demo")
-    assert loaded == {"config": {"steps": 3, "rate": 1e-4}, "best": 1.5, "count": 3, "path": str(tmp_path),
-                      "list": [1, 2]}
-    assert set(loaded_arrays) == {"curve", "ints"}
-    np.testing.assert_array_equal(loaded_arrays["curve"], arrays["curve"])
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["demo.json", "demo.npz"]
-
-
-def test_load_results_missing(tmp_path):
-    with pytest.raises(common.ExperimentError, match="no saved results.*demo.json"):
-        common.load_results(tmp_path, "demo")
-
-
-@pytest.mark.parametrize("damage", ["json", "npz-cut", "npz-garbage"])
-def test_load_results_corrupt(tmp_path, damage):
-    common.save_results(tmp_path, "demo", {"a": 1}, {"b": np.arange(100)})
-    if damage == "json":
-        (tmp_path / "results" / "demo.json").write_text("{not json")
-    else:
-        npz = tmp_path / "results" / "demo.npz"
-        data = npz.read_bytes()
-        npz.write_bytes(data[: len(data) // 2] if damage == "npz-cut" else b"garbage" * 10)
-    with pytest.raises(common.ExperimentError, match="unreadable"):
-        common.load_results(tmp_path, "demo")
-
-
-def test_load_results_never_unpickles(tmp_path):
-    common.save_results(tmp_path, "demo", {}, {"objects": np.array([{"a": 1}], dtype=object)})
-    with pytest.raises(common.ExperimentError, match="unreadable"):
-        common.load_results(tmp_path, "demo")
-
-
-def test_step_rng():
-    a = common.step_rng(7, 3).randn(5)
-    np.testing.assert_array_equal(a, common.step_rng(7, 3).randn(5))
-    assert not np.allclose(a, common.step_rng(7, 4).randn(5))
-    assert not np.allclose(a, common.step_rng(8, 3).randn(5))
-    assert not np.allclose(a, common.step_rng(7, 3, 1).randn(5))
-
-
-def test_check_finite():
-    common.check_finite(np.array([1.0, 2.0]), 5)
-    with pytest.raises(common.DivergenceError, match="objective is not finite at step 12"):
-        common.check_finite(np.array([1.0, np.nan]), 12)
-    with pytest.raises(common.DivergenceError, match="loss is not finite at step 0"):
-        common.check_finite(np.inf, 0, "loss")
-
-
-@pytest.mark.parametrize("text", ["0", "-3", "nan", "inf", "abc", "1.5", ""])
-def test_positive_int_rejects(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        common.positive_int(text)
-
-
-@pytest.mark.parametrize("text", ["0", "-1e-3", "nan", "NaN", "inf", "-inf", "abc", ""])
-def test_positive_float_rejects(text):
-    with pytest.raises(argparse.ArgumentTypeError):
-        common.positive_float(text)
-
-
-def test_argument_types_accept():
-    assert common.positive_int("12") == 12
-    assert common.positive_float("1e-4") == 1e-4
-    assert common.nonnegative_int("0") == 0
-    with pytest.raises(argparse.ArgumentTypeError):
-        common.nonnegative_int("-1")
-
-
-def test_experiment_parser_rejects_bad_values(capsys):
-    parser = common.experiment_parser("demo", default_iters=100)
-    args = parser.parse_args(["--iters", "5", "--seed", "0", "--quick"])
-    assert (args.iters, args.seed, args.quick, args.synthetic) == (5, 0, True, False)
-    assert parser.parse_args([]).seed == 7
-    for bad in (["--iters", "0"], ["--iters", "nan"], ["--log-every", "-2"], ["--seed", "x"]):
-        with pytest.raises(SystemExit) as err:
-            parser.parse_args(bad)
-        assert err.value.code == 2
-    assert "--synthetic" not in parser.format_help()
-
-
-def test_run_main_reports_one_line(capsys):
-    def failing(argv):
-        raise common.DivergenceError("objective is not finite at step 3")
-    assert common.run_main(failing, []) == 1
-    assert capsys.readouterr().err == "error: objective is not finite at step 3\n"
-    assert common.run_main(lambda argv: 0, []) == 0
