@@ -35,6 +35,7 @@ from optimizers import adam_init, adam_inplace
 from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, Budget, minibatch, run_budgeted
 
 NAME = "hypergradient_study"
+TEX_PREFIX = "Hg"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 LAYERS = (784, 10)
 N_PIXELS, N_CLASSES = LAYERS

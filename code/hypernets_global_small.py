@@ -21,6 +21,7 @@ from neural_network import hypernet_weights, init_hypernet, relu
 from optimizers import adam_init
 
 NAME = "hypernets_global_small"
+TEX_PREFIX = "Global"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 
 

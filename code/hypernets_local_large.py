@@ -53,6 +53,7 @@ from per_weight_decay import (
 )
 
 NAME = "hypernets_local_large"
+TEX_PREFIX = "Large"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 LAYERS = (784, 10)
 N_PIXELS, N_CLASSES = LAYERS

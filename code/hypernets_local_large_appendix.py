@@ -35,6 +35,7 @@ from neural_network import LOG_SIGMA_CONST, num_params
 from per_weight_decay import Budget, BudgetedRun, hypernet_size, run_interleaved, time_to_reach
 
 NAME = "hypernets_local_large_appendix"
+TEX_PREFIX = "App"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 METHODS = ("hyper", "random")
 PAPER_SECONDS = 850.0     # the appendix's runtime axis (SPEC section 7: 0 to ~850 s)

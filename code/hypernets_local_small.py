@@ -22,6 +22,7 @@ from neural_network import init_hypernet
 from optimizers import adam_init
 
 NAME = "hypernets_local_small"
+TEX_PREFIX = "Local"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 ALGORITHMS = ("joint", "simplified")
 

@@ -20,6 +20,7 @@ import texfmt
 from common import Claim, setting
 
 NAME = "loss_manifold"
+TEX_PREFIX = "Manifold"  # every macro this script exports to the paper starts with it
 DATA = None        # analytic: no data
 PARALLEL = False
 
