@@ -4,6 +4,7 @@
 #   make test        the test suite (what CI runs)
 #   make seeds       the cheap experiments again for the seeds of code/experiments.py (scorecard mean +- sd)
 #   make paper       paper/results.tex and the scorecard from paper/results/*.json, then paper/main.pdf
+#   make study       the hypergradient study (about 7 CPU minutes; its results are committed)
 #   make ground-truth  rebuild the cached ground truth of Figure 6 (the one step make reproduce reuses)
 #   make benchmark   hot-loop speed-ups against their autograd references, and fractions of the machine's bound
 PYTHON ?= python3
@@ -12,7 +13,8 @@ PY     := $(CURDIR)/$(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 # The scripts, listed once in code/experiments.py; each writes paper/<figure>.pdf|png and paper/results/<script>.*
-EXPERIMENTS = $(shell $(PYTHON) code/experiments.py)
+EXPERIMENTS = $(shell $(PYTHON) code/experiments.py --reproduce)
+STUDIES     = $(shell $(PYTHON) code/experiments.py --studies)
 SEEDED      = $(shell $(PYTHON) code/experiments.py --seeded)
 SEEDS       = $(shell $(PYTHON) code/experiments.py --seeds)
 QUICK_DIR   := $(CURDIR)/build/quick
@@ -23,13 +25,13 @@ TEX_FILES   := mathptmx.sty geometry.sty amsmath.sty booktabs.sty tabularx.sty a
                natbib.sty xcolor.sty placeins.sty hyperref.sty longtable.sty
 TEX_DEBS    := texlive-latex-base texlive-latex-recommended texlive-latex-extra texlive-science \
                texlive-fonts-recommended latexmk
-# $(call run_experiments,FLAGS): every script at its defaults, plus FLAGS.
-run_experiments = set -e; for s in $(EXPERIMENTS); do echo "== $$s.py $(1)"; $(PY) code/$$s.py $(1); done
+# $(call run_experiments,FLAGS,SCRIPTS): each script at its defaults, plus FLAGS.
+run_experiments = set -e; for s in $(2); do echo "== $$s.py $(1)"; $(PY) code/$$s.py $(1); done
 # $(call latex,DIR): compile DIR/main.tex; latexmk's output goes to DIR/latexmk.log, errors are shown.
 latex = cd $(1) && if $(LATEXMK) main.tex > latexmk.log 2>&1; then echo "wrote $(1)/main.pdf (log: $(1)/latexmk.log)"; \
 	else grep -A4 '^!' main.log 2>/dev/null || tail -20 latexmk.log; echo "error: LaTeX failed; see $(1)/latexmk.log"; exit 1; fi
 
-.PHONY: venv test lint data check-tex figures results-tex paper reproduce quick seeds ground-truth benchmark
+.PHONY: venv test lint data check-tex figures results-tex paper reproduce quick seeds study ground-truth benchmark
 
 venv: $(STAMP)
 $(STAMP): requirements.txt
@@ -56,7 +58,7 @@ benchmark: venv
 	cd code && $(PY) benchmark.py
 
 figures: venv data
-	@$(call run_experiments,)
+	@$(call run_experiments,,$(EXPERIMENTS))
 
 results-tex: venv
 	@if [ -d $(SEEDS_DIR) ]; then $(PY) code/make_results_tex.py --seeds-dir $(SEEDS_DIR); \
@@ -76,6 +78,10 @@ seeds: venv data
 	  cp build/seeds/seed-$$seed/results/$$s.json $(SEEDS_DIR)/seed-$$seed/results/; done; done
 	$(PY) code/make_results_tex.py --seeds-dir $(SEEDS_DIR)
 
+# Studies too long for make reproduce (results committed; the paper reads them): the hypergradient study.
+study: venv data
+	@$(call run_experiments,,$(STUDIES))
+
 # The 10,240-model ground truth of Figure 6 (about 16 CPU minutes), rebuilt and cached in cache/ (committed, so
 # make reproduce reuses it); then the scatter experiment on it.
 ground-truth: venv data
@@ -83,7 +89,7 @@ ground-truth: venv data
 	$(PY) code/learn_vs_true_loss_scatter.py --jobs 2
 
 quick: check-tex venv data
-	@$(call run_experiments,--quick --out-dir $(QUICK_DIR))
+	@$(call run_experiments,--quick --out-dir $(QUICK_DIR),$(EXPERIMENTS) $(STUDIES))
 	cp paper/main.tex paper/main_bib.bib $(QUICK_DIR)/
 	$(PY) code/make_results_tex.py --results-dir $(QUICK_DIR)/results --out $(QUICK_DIR)/results.tex
 	@$(call latex,$(QUICK_DIR))
