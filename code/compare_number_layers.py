@@ -49,6 +49,7 @@ from per_weight_decay import (
 )
 
 NAME = "compare_number_layers"
+TEX_PREFIX = "Layers"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 MODELS = ((784, 10), (784, 100, 10), (784, 100, 100, 10))  # SPEC section 7
 STREAM_SEARCH = references.STREAM_CONVERGE_BATCH  # minibatch stream of the hand-tuned search (= the reference rule's)

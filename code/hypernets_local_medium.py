@@ -54,6 +54,7 @@ from per_weight_decay import (
 )
 
 NAME = "hypernets_local_medium"
+TEX_PREFIX = "Medium"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 LAYER_SIZES = (784, 10)            # the linear elementary model (SPEC section 7)
 N_IN, N_CLASSES = LAYER_SIZES
