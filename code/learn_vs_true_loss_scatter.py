@@ -8,13 +8,16 @@ hypernetwork fit on those fixed lambdas, C: the same hypernetwork trained on fre
 training budgets of table_budgets (the true loss at each surrogate's predicted best).
 
     python learn_vs_true_loss_scatter.py [--quick] [--seed 7] [--jobs N] [--n-train-tuples 25] [--no-table]
+    python learn_vs_true_loss_scatter.py --scheduler tcp://host:8786   # ground truth on a dask cluster
 
 Seeds: the ground truth depends on --gt-seed only and is cached in <repo>/cache/ (an .npz named by the
 hash of its settings and of the data, with a SHA-256 of its arrays; ~9 min on 2 cores to rebuild). --seed
 varies the surrogates over that one ground truth: the GP's restarts, the hypernetworks' initialisation and
 minibatches, model C's sampled lambdas, and (with --train-tuples drawn) which tuples train the surrogates.
 `make seeds` therefore costs surrogates only. Ground-truth workers (--jobs) are forked processes that die
-with the parent however it ends (SIGKILL included) and use no temporary files.
+with the parent however it ends (SIGKILL included) and use no temporary files. --scheduler ADDRESS (or
+--backend dask with it) trains the ground-truth chunks on that dask.distributed cluster instead (scaleout.py:
+the training data sent once per worker, the losses bit-identical to --jobs 1, tests/test_scaleout.py).
 """
 import hashlib
 import io
@@ -35,12 +38,14 @@ import numpy as np
 from scipy.linalg import blas  # loaded at import, so that a caller's BLAS thread limit also covers scipy's BLAS
 
 import common
+import scaleout
 import texfmt
 from common import Claim, ExperimentError, atomic_write_bytes, check_divergence, check_finite, setting, step_rng
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_TOKEN = "<repo>"             # cache_dir may start with it: the repository's root folder
 NAME = "learn_vs_true_loss_scatter"
+TEX_PREFIX = "Scatter"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
 PARALLEL = True                   # --jobs N processes train the ground truth
 TABLE_TEX = "gp_vs_hypernet_table.tex"
@@ -97,6 +102,10 @@ class Config:
     use_cache: bool = setting(True, flag="cache")  # load the ground truth from the cache when valid (--no-cache:
     # always recompute, then cache)
     cache_dir: str = setting(f"{REPO_TOKEN}/cache")  # ground-truth cache folder (<repo> is the repository root)
+    backend: str = setting("local", choices=scaleout.BACKENDS)  # where the ground-truth chunks train: "local"
+    # (this machine, --jobs processes) or "dask" (the cluster at --scheduler); same bits either way
+    scheduler: str = setting("")  # dask scheduler address, e.g. tcp://host:8786 (implies --backend dask); empty
+    # starts nothing. Workers need code/ on their PYTHONPATH and the same numpy/BLAS
     log_every: int = setting(20, lo=1)  # ground-truth chunks between progress lines (our choice)
     hyper_log_every: int = setting(100, lo=1)  # hypernetwork steps between progress lines (our choice)
 
@@ -118,6 +127,10 @@ def validate(config):
                                 f"{config.n_train_points}")
     if config.table and not config.table_budgets:
         raise common.UsageError("--table-budgets is empty; give at least one budget or use --no-table")
+    try:
+        scaleout.resolve_backend(config.backend, config.scheduler)
+    except ExperimentError as err:
+        raise common.UsageError(str(err)) from None
     itemsize = 8 if config.float64 else 4
     weights = LAYERS[0] * N_CLASSES + N_CLASSES
     gp_points = max([config.n_train_tuples, *(b for b in config.table_budgets if config.table and b < config.n_models)])
@@ -365,6 +378,14 @@ def train_ground_truth_chunk(lambdas, train_x, train_y, config, chunk_index):
     return stack.weights()
 
 
+def ground_truth_chunk(chunk, shared):
+    """scaleout's chunk function: chunk = (index, lambdas (K, 10)); shared = {"train_x", "train_y", "gram",
+    "config"} -> validation losses (K,)."""
+    c, lambdas = chunk
+    return ground_truth_chunk_losses(lambdas, shared["train_x"], shared["train_y"], shared["gram"],
+                                     shared["config"], c)
+
+
 def ground_truth_chunk_losses(lambdas, train_x, train_y, gram, config, chunk_index):
     """Validation losses (K,) of one trained chunk (scored on the Gram of the validation set); runs
     single-threaded so every --jobs gives equal bits (scipy's BLAS is loaded at import, before this limit)."""
@@ -535,36 +556,29 @@ def _note(text):
 
 def compute_ground_truth(config, splits, jobs, log=print):
     """(lambdas (n_models, 10), validation losses (n_models,)): every model trained on splits' training data,
-    scored on its validation data; chunks of chunk_size models in up to `jobs` forked workers."""
+    scored on its validation data; chunks of chunk_size models in up to `jobs` forked workers, or on the dask
+    cluster at config.scheduler (scaleout.map_chunks: same bits)."""
     lambdas = sample_lambdas(config)
-    gram = make_gram(splits.valid_x, splits.valid_y)
-    starts = list(range(0, config.n_models, config.chunk_size))
     dtype = np.float64 if config.float64 else np.float32
-    train_x = np.ascontiguousarray(splits.train_x, dtype=dtype)  # converted once, shared with the workers
-    train_y = np.ascontiguousarray(splits.train_y, dtype=dtype)
-
-    def work(c):
-        s = starts[c]
-        return ground_truth_chunk_losses(lambdas[s:s + config.chunk_size], train_x, train_y, gram, config, c)
-
-    jobs = effective_jobs(jobs, len(starts), _note)
-    t0, losses = time.perf_counter(), {}
-
-    def progress():
-        if len(losses) % config.log_every == 0 or len(losses) == len(starts):
-            done = sum(map(len, losses.values()))
-            log(f"ground truth: {done}/{config.n_models} models, {time.perf_counter() - t0:.0f} s")
-
-    if jobs == 1:
-        for c in range(len(starts)):
-            losses[c] = work(c)
-            progress()
+    shared = {"train_x": np.ascontiguousarray(splits.train_x, dtype=dtype),  # converted once, sent to the
+              "train_y": np.ascontiguousarray(splits.train_y, dtype=dtype),  # workers once
+              "gram": make_gram(splits.valid_x, splits.valid_y), "config": config}
+    chunks = [(c, lambdas[s:s + config.chunk_size]) for c, s in enumerate(range(0, config.n_models, config.chunk_size))]
+    backend = scaleout.resolve_backend(config.backend, config.scheduler)
+    if backend == "local":
+        jobs = effective_jobs(jobs, len(chunks), _note)
     else:
-        with ForkedWorkers(jobs, work) as workers:
-            for c, chunk in workers.run(range(len(starts))):
-                losses[c] = chunk
-                progress()
-    return lambdas, np.concatenate([losses[c] for c in range(len(starts))])
+        log(f"ground truth: {len(chunks)} chunks on the dask cluster at {config.scheduler}")
+    t0, done = time.perf_counter(), []
+
+    def progress(c, chunk_losses):
+        done.append(len(chunk_losses))
+        if len(done) % config.log_every == 0 or len(done) == len(chunks):
+            log(f"ground truth: {sum(done)}/{config.n_models} models, {time.perf_counter() - t0:.0f} s")
+
+    losses = scaleout.map_chunks(ground_truth_chunk, chunks, shared, backend=backend, scheduler=config.scheduler,
+                                 jobs=jobs, pool=ForkedWorkers, on_result=progress)
+    return lambdas, np.concatenate(losses)
 
 
 # ------------------------------------------------------------------------------ ground-truth cache

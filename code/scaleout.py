@@ -41,21 +41,23 @@ def blas_threads():
             if p.get("user_api") == "blas"}
 
 
-def run_chunk(fn, chunk, shared):
-    """fn(chunk, shared) with one BLAS thread, checked (this runs inside the worker)."""
+def run_chunk(fn, chunk, shared, label=None):
+    """fn(chunk, shared) with one BLAS thread, checked (this runs inside the worker); errors name the chunk by
+    label (default: the chunk itself)."""
     from threadpoolctl import threadpool_limits
 
+    label = chunk if label is None else label
     with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
         wrong = {k: n for k, n in blas_threads().items() if n != BLAS_THREADS}
         if wrong:
-            raise ExperimentError(f"chunk {chunk!r}: BLAS still uses {wrong} threads on its worker "
+            raise ExperimentError(f"chunk {label}: BLAS still uses {wrong} threads on its worker "
                                   f"(need {BLAS_THREADS})")
         try:
             return fn(chunk, shared)
         except (ExperimentError, MemoryError):
             raise
         except Exception as err:  # noqa: BLE001  reported by the caller as one line naming the chunk
-            raise ExperimentError(f"chunk {chunk!r} failed: {type(err).__name__}: {err}") from None
+            raise ExperimentError(f"chunk {label} failed: {type(err).__name__}: {err}") from None
 
 
 def connect(scheduler, timeout=CONNECT_TIMEOUT_SECONDS):
@@ -82,6 +84,18 @@ def wait_for_workers(client, scheduler, timeout=WORKERS_TIMEOUT_SECONDS):
     return max(1, sum(client.nthreads().values()))
 
 
+def check_imports(client, scheduler, modules):
+    """One ExperimentError line unless the scheduler and every worker can import `modules` (the scheduler
+    unpickles the tasks: without this check, a cluster started without code/ on its path would hang)."""
+    statement = "import " + ", ".join(modules)
+    for where, call in (("scheduler", client.run_on_scheduler), ("workers", client.run)):
+        try:
+            call(exec, statement)
+        except ImportError as err:
+            raise ExperimentError(f"the dask {where} at {scheduler} cannot import this project's code ({err}); "
+                                  f"start them with code/ on PYTHONPATH") from None
+
+
 def _waves(chunks, size):
     for i in range(0, len(chunks), size):
         yield i, chunks[i:i + size]
@@ -93,7 +107,7 @@ def _map_local(fn, chunks, shared, jobs, pool, on_result):
     results = [None] * len(chunks)
     if jobs <= 1 or len(chunks) <= 1:
         for i, chunk in enumerate(chunks):
-            results[i] = run_chunk(fn, chunk, shared)
+            results[i] = run_chunk(fn, chunk, shared, i)
             if on_result is not None:
                 on_result(i, results[i])
         return results
@@ -101,7 +115,7 @@ def _map_local(fn, chunks, shared, jobs, pool, on_result):
         raise ExperimentError("the local backend with jobs > 1 needs a process pool")
 
     def work(i):
-        return run_chunk(fn, chunks[i], shared)
+        return run_chunk(fn, chunks[i], shared, i)
 
     with pool(jobs, work) as workers:
         for i, result in workers.run(range(len(chunks))):
@@ -118,11 +132,13 @@ def _map_dask(fn, chunks, shared, scheduler, on_result):
     client = connect(scheduler)
     try:
         n_workers = wait_for_workers(client, scheduler)
+        check_imports(client, scheduler, sorted({"scaleout", "common"} | ({fn.__module__} - {"__main__"})))
         results = []
         with joblib.parallel_config(backend="dask", client=client, scatter=[shared]):
             with joblib.Parallel(n_jobs=-1, return_as="list", batch_size=1, pre_dispatch="all") as parallel:
                 for start, wave in _waves(chunks, n_workers * WAVE_PER_WORKER):
-                    out = parallel(joblib.delayed(run_chunk)(fn, chunk, shared) for chunk in wave)
+                    out = parallel(joblib.delayed(run_chunk)(fn, chunk, shared, start + k)
+                                   for k, chunk in enumerate(wave))
                     for k, result in enumerate(out):
                         results.append(result)
                         if on_result is not None:

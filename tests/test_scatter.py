@@ -670,3 +670,43 @@ def test_help_lists_old_flags_with_defaults(capsys):
     for flag in ("--jobs", "--no-cache", "--cache-dir", "--n-train-tuples", "--n-models", "--gt-steps", "--float64",
                  "--table", "--log-every", "--seed", "--gt-seed", "--train-tuples"):
         assert flag in text, flag
+
+
+def test_dask_backend_end_to_end_equals_local(tmp_path, capsys):
+    """--backend dask --scheduler <a 2-process LocalCluster> through the driver: the ground truth (the cache's
+    losses) and every held-out prediction equal the local --jobs 1 run's, bit for bit."""
+    pytest.importorskip("distributed")
+    from test_scaleout import local_cluster  # the same 2-process cluster, in a child process
+
+    def run(tag, *extra):
+        args = ["--quick", "--synthetic", "--no-table", "--out-dir", str(tmp_path / tag), "--cache-dir",
+                str(tmp_path / f"cache-{tag}"), *extra]
+        assert driver(*args) == 0, capsys.readouterr().err
+        (cache,) = (tmp_path / f"cache-{tag}").glob("*.npz")
+        with np.load(cache) as gt, np.load(tmp_path / tag / "results" / f"{lvt.NAME}.npz") as res:
+            return gt["valid_losses"], gt["lambdas"], dict(res)
+
+    local = run("local")
+    with local_cluster() as address:
+        remote = run("dask", "--backend", "dask", "--scheduler", address)
+    assert "on the dask cluster at tcp://127.0.0.1:" in capsys.readouterr().out
+    assert local[0].shape == (lvt.QUICK["n_models"],) and np.ptp(local[0]) > 0
+    assert local[0].tobytes() == remote[0].tobytes() and local[1].tobytes() == remote[1].tobytes()
+    assert local[2].keys() == remote[2].keys()
+    for name in local[2]:
+        assert local[2][name].tobytes() == remote[2][name].tobytes(), name
+
+
+def test_dask_backend_needs_a_scheduler_and_reports_an_unreachable_one(tmp_path, capsys):
+    import socket
+
+    assert driver(*script_args(tmp_path), "--backend", "dask") == 2
+    assert capsys.readouterr().err.strip() == ("error: --backend dask needs --scheduler ADDRESS (e.g. "
+                                               "tcp://host:8786), the address of a running dask scheduler")
+    pytest.importorskip("distributed")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert driver(*script_args(tmp_path), "--scheduler", f"tcp://127.0.0.1:{port}") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot reach the dask scheduler at tcp://127.0.0.1:{port}")
