@@ -124,7 +124,8 @@ MAX_RESULTS_BYTES = 256 * 2**20  # results JSON/NPZ larger than this are refused
 STAGING_PREFIX = ".staging-"     # <out_dir>/.staging-<pid>-XXXX holds a run's files until they are published
 EXIT_ERROR, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 SEED_MAX = 2**32 - 1             # numpy's RandomState accepts seeds in [0, 2**32)
-VERSIONED_PACKAGES = ("numpy", "scipy", "autograd", "scikit-learn", "matplotlib", "threadpoolctl", "joblib")
+VERSIONED_PACKAGES = ("numpy", "scipy", "autograd", "scikit-learn", "matplotlib", "threadpoolctl", "joblib", "dask",
+                      "distributed")
 
 
 class Terminated(BaseException):
@@ -303,19 +304,9 @@ def build_parser(module):
         driver.add_argument("--data-dir", default=None, help="MNIST folder (default: $MNIST_DIR, else code/data)")
         driver.add_argument("--synthetic", action="store_true", help=argparse.SUPPRESS)  # tests: synthetic data
     if getattr(module, "PARALLEL", False):
-        driver.add_argument("--jobs", type=_positive_int, default=1,
+        driver.add_argument("--jobs", type=positive_int, default=1,
                             help="worker processes, capped at the CPUs and the work's chunks (default: 1)")
     return parser
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
 
 
 def make_config(module, args):

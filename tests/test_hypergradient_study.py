@@ -7,7 +7,6 @@ import sys
 import numpy as np
 import pytest
 from autograd import grad
-from threadpoolctl import threadpool_limits
 
 from conftest import CODE
 
@@ -17,16 +16,11 @@ import common  # noqa: E402
 import hypergradient_study as hs  # noqa: E402
 import references as ref  # noqa: E402
 from data_loader import synthetic_mnist  # noqa: E402
+from large_fixtures import one_blas_thread  # noqa: F401, E402  (fixture)
 from per_weight_decay import Alg3Settings, HyperProblem, alg3_step, decay_objective, init_alg3, mse_loss  # noqa: E402
 
 LAYERS = [784, 10]
 P = 7850
-
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with threadpool_limits(limits=1):
-        yield
 
 
 @pytest.fixture(scope="module")

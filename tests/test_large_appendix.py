@@ -10,28 +10,7 @@ import common
 import hypernets_local_large_appendix as app
 import references as refs
 from common import step_rng
-from data_loader import synthetic_mnist
-
-BLOCK = 300
-
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    """One BLAS thread, as the driver runs experiments."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_mnist(n_train=1200, n_test=300)
-
-
-@pytest.fixture(scope="module")
-def splits(data):
-    return refs.block_splits(data, 1, 0, BLOCK, BLOCK)
+from large_fixtures import BLOCK, data, one_blas_thread, splits  # noqa: F401  (fixtures)
 
 
 def small_config(**overrides):

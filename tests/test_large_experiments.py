@@ -16,29 +16,8 @@ import per_weight_decay as pwd
 import references as refs
 import unrolled
 from common import step_rng
-from data_loader import synthetic_mnist
+from large_fixtures import BLOCK, data, one_blas_thread, splits  # noqa: F401  (fixtures)
 from neural_network import flatten_params, init_mlp
-
-BLOCK = 300  # synthetic blocks: train = images 0..299, valid = 300..599
-
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    """One BLAS thread, as the driver runs experiments (several threads stall on the shared 2-core machine)."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    return synthetic_mnist(n_train=1200, n_test=300)
-
-
-@pytest.fixture(scope="module")
-def splits(data):
-    return refs.block_splits(data, 1, 0, BLOCK, BLOCK)
 
 
 def small_config(**overrides):
