@@ -153,6 +153,11 @@ class Claim:
     fmt: str = "{:.3g}"   # how a numeric value is shown
 
 
+def threshold_verdict(value, reproduced, partly):
+    """'reproduced' when value <= reproduced, 'partly' when value <= partly, else 'not reproduced'."""
+    return "reproduced" if value <= reproduced else "partly" if value <= partly else "not reproduced"
+
+
 def check_divergence(value, start_value, step, what="objective", factor=DIVERGENCE_FACTOR):
     """Raise DivergenceError when value is non-finite or exceeds factor x |start_value| (and start_value > 0)."""
     check_finite(value, step, what)

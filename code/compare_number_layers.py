@@ -29,7 +29,7 @@ import references
 import texfmt
 from common import Claim, UsageError, check_divergence, check_finite, setting
 from data_loader import small_splits
-from neural_network import flatten_params, init_mlp, num_params
+from neural_network import num_params
 from optimizers import adam_init, adam_inplace
 from per_weight_decay import (
     STREAM_TRAIN_BATCH,
@@ -506,7 +506,7 @@ def plot(summary, arrays, out_dir):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import finish_figure, set_paper_style
 
     set_paper_style(font_size=24)
     fig, ax = plt.subplots(figsize=(9.1, 9.1))
@@ -544,10 +544,7 @@ def plot(summary, arrays, out_dir):
         handles.append(Line2D([], [], color=color, linewidth=LINE))
         labels.append(name)
     ax.legend(handles, labels, frameon=False, fontsize=18, loc="upper right")
-    fig.tight_layout()
-    paths = save_figure(fig, NAME, out_dir)
-    close(fig)
-    return paths
+    return finish_figure(fig, NAME, out_dir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import common
 import small_experiments as se
 import texfmt
-from common import Claim, check_divergence, check_finite, setting
+from common import Claim, check_divergence, check_finite, setting, threshold_verdict
 from neural_network import hypernet_weights, init_hypernet, relu
 from optimizers import adam_init
 
@@ -250,22 +250,19 @@ def tex_numbers(summary):
     }
 
 
-def _verdict(value, reproduced, partly):
-    """'reproduced' when value <= reproduced, 'partly' when <= partly, else 'not reproduced'."""
-    return "reproduced" if value <= reproduced else "partly" if value <= partly else "not reproduced"
-
-
 CLAIMS = [
     Claim(id="fig2-argmin",
           claim="The hypernetwork's validation curve has its minimum at the cross-validation optimum lambda*",
           paper="gap ~0 (Figure 2: the curve's minimum sits on the dashed line)",
-          evaluate=lambda s: (s["lambda_gap"], _verdict(s["lambda_gap"], ARGMIN_GAP_REPRODUCED, ARGMIN_GAP_PARTLY)),
+          evaluate=lambda s: (s["lambda_gap"],
+                              threshold_verdict(s["lambda_gap"], ARGMIN_GAP_REPRODUCED, ARGMIN_GAP_PARTLY)),
           fmt="{:.3f}",
           evidence="lambda_gap (lambda_star_hypernet vs lambda_star_cv); hypernets_global_small.pdf"),
     Claim(id="fig2-curve",
           claim="The optimized hypernetwork's validation loss matches cross-validation at the crosses",
           paper="curve through the crosses (Figure 2)",
-          evaluate=lambda s: (s["curve_gap"], _verdict(s["curve_gap"], CURVE_GAP_REPRODUCED, CURVE_GAP_PARTLY)),
+          evaluate=lambda s: (s["curve_gap"],
+                              threshold_verdict(s["curve_gap"], CURVE_GAP_REPRODUCED, CURVE_GAP_PARTLY)),
           fmt="{:.3f}",
           evidence="curve_gap (hypernet_valid_at_cv vs cv_valid_loss); hypernets_global_small.pdf"),
 ]

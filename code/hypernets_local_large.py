@@ -513,7 +513,7 @@ def plot_published(summary, arrays, out_dir):
     plus the fixed-lambda reference as thin dash-dotted lines."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import finish_figure, set_paper_style
 
     set_paper_style(font_size=24)
     fig, ax = plt.subplots(figsize=(9.6, 7.2))
@@ -532,10 +532,7 @@ def plot_published(summary, arrays, out_dir):
     handles = {h.get_label(): h for h in ax.get_lines()}
     ax.legend([handles[LABELS[k]] for k in order], [LABELS[k] for k in order], frameon=False, fontsize=20,
               loc="upper right")
-    fig.tight_layout()
-    paths = save_figure(fig, NAME, out_dir)
-    close(fig)
-    return paths
+    return finish_figure(fig, NAME, out_dir)
 
 
 def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
@@ -543,7 +540,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     lambda_j - lambda_0 at the end, (d) the three methods' losses and the fixed-lambda reference."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import finish_figure, set_paper_style
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -596,10 +593,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     for a in axes.ravel():
         for side in ("top", "right"):
             a.spines[side].set_visible(False)
-    fig.tight_layout()
-    paths = save_figure(fig, name, out_dir)
-    close(fig)
-    return paths
+    return finish_figure(fig, name, out_dir)
 
 
 def plot(summary, arrays, out_dir):

@@ -295,7 +295,7 @@ def plot(summary, arrays, out_dir):
     search's best so far (dashed) on the log-likelihood scale, plus the fixed-lambda reference (thin)."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import finish_figure, set_paper_style
 
     set_paper_style(font_size=24)
     fig, ax = plt.subplots(figsize=(9, 9))
@@ -320,10 +320,7 @@ def plot(summary, arrays, out_dir):
     handles = {hd.get_label(): hd for hd in ax.get_lines()}
     ax.legend([handles[LABELS[k]] for k in order], [LABELS[k] for k in order], frameon=False, fontsize=20,
               loc="upper right")
-    fig.tight_layout()
-    paths = save_figure(fig, NAME, out_dir)
-    close(fig)
-    return paths
+    return finish_figure(fig, NAME, out_dir)
 
 
 if __name__ == "__main__":

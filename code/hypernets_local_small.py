@@ -17,7 +17,7 @@ import numpy as np
 import common
 import small_experiments as se
 import texfmt
-from common import Claim, check_divergence, check_finite, setting
+from common import Claim, check_divergence, check_finite, setting, threshold_verdict
 from neural_network import init_hypernet
 from optimizers import adam_init
 
@@ -279,16 +279,11 @@ def tex_numbers(summary):
     }
 
 
-def _verdict(value, reproduced, partly):
-    """'reproduced' when value <= reproduced, 'partly' when <= partly, else 'not reproduced'."""
-    return "reproduced" if value <= reproduced else "partly" if value <= partly else "not reproduced"
-
-
 def _converges(summary):
     value = summary["lambda_gap"]
     if not summary["converged"]:
         return value, "not reproduced"  # still moving at the cap: no convergence to report
-    return value, _verdict(value, LAMBDA_GAP_REPRODUCED, LAMBDA_GAP_PARTLY)
+    return value, threshold_verdict(value, LAMBDA_GAP_REPRODUCED, LAMBDA_GAP_PARTLY)
 
 
 CLAIMS = [
@@ -301,14 +296,14 @@ CLAIMS = [
     Claim(id="fig4-tracking",
           claim="At lambda_hat the hypernetwork's validation loss equals that of weights optimised at lambda_hat",
           paper="red curve touches the red crosses at lambda_hat (Figure 4)",
-          evaluate=lambda s: (s["tracking_gap"], _verdict(s["tracking_gap"], TRACKING_GAP_REPRODUCED,
+          evaluate=lambda s: (s["tracking_gap"], threshold_verdict(s["tracking_gap"], TRACKING_GAP_REPRODUCED,
                                                           TRACKING_GAP_PARTLY)),
           fmt="{:.3f}",
           evidence="tracking_gap (valid_loss_final vs cv_valid_at_final); hypernets_local_small.pdf"),
     Claim(id="fig4-regret",
           claim="The hyperparameter found reaches the best cross-validation validation loss",
           paper="~0 (Figure 4: the red curve's minimum at the crosses' minimum)",
-          evaluate=lambda s: (s["regret"], _verdict(abs(s["regret"]), REGRET_REPRODUCED, REGRET_PARTLY)),
+          evaluate=lambda s: (s["regret"], threshold_verdict(abs(s["regret"]), REGRET_REPRODUCED, REGRET_PARTLY)),
           fmt="{:.3f}",
           evidence="regret (valid_loss_final minus min cv_sweep_valid); hypernets_local_small.pdf"),
 ]

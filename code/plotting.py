@@ -195,3 +195,12 @@ def place_legend(ax, outside=None, **kwargs):
             return legend
         legend.remove()
     return ax.legend(loc="upper left", bbox_to_anchor=(1.0 + LEGEND_GAP, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def finish_figure(fig, name, out_dir, tight=True, **kwargs):
+    """tight_layout (unless tight=False), save as <out_dir>/<name>.pdf|png, close; returns the paths."""
+    if tight:
+        fig.tight_layout()
+    paths = save_figure(fig, name, out_dir, **kwargs)
+    plt.close(fig)
+    return paths
