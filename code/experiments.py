@@ -1,7 +1,8 @@
-"""The experiment scripts, in the order `make reproduce` runs them; `python experiments.py [--seeded]` lists them.
+"""The experiment scripts, in the order `make reproduce` runs them; `python experiments.py [FLAG]` lists them.
 
-ALL: every script whose figures and numbers the paper uses; `make reproduce` runs all but STUDIES. SEEDED: the cheap ones `make seeds` repeats over
-SEEDS (their scorecard rows show mean +- sd)."""
+ALL: every script whose figures and numbers the paper uses; `make reproduce` runs all but STUDIES.
+SEEDED: the cheap ones `make seeds` repeats over SEEDS (their scorecard rows show mean +- sd).
+Flags: --reproduce, --studies, --seeded, --seeds, --seed-flags SCRIPT (none: ALL)."""
 import sys
 
 ALL = ("loss_manifold", "hypernets_global_small", "hypernets_local_small", "learn_vs_true_loss_scatter",
