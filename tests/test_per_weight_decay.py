@@ -134,7 +134,9 @@ def test_method_clock_counts_cpu_seconds_and_records_wall_seconds():
     _, curve = pwd.run_budgeted(0, step, lambda s: (1.0, 1.0), pwd.Budget(iters=5, eval_every=1), log=None)
     assert curve.wall_seconds.shape == curve.seconds.shape == (6,)
     assert 0.05 <= curve.seconds[-1] < 0.09                  # 5 x 0.01 s of CPU
-    assert curve.wall_seconds[-1] >= curve.seconds[-1] + 0.1  # + 5 x 0.02 s asleep
+    # + 5 x 0.02 s asleep; the margin allows for CPU that other threads of the test process (workers' parent
+    # watchers, BLAS) add to process_time while this one sleeps
+    assert curve.wall_seconds[-1] >= 0.1 and curve.wall_seconds[-1] - curve.seconds[-1] >= 0.05
     assert np.all(np.diff(curve.seconds) > 0) and np.all(np.diff(curve.wall_seconds) > 0)
     # a seconds budget stops on CPU time: 0.05 s of CPU takes about 5 steps however long they sleep
     _, timed = pwd.run_budgeted(0, step, lambda s: (1.0, 1.0), pwd.Budget(seconds=0.05, eval_every=1), log=None)
