@@ -124,6 +124,7 @@ MAX_RESULTS_BYTES = 256 * 2**20  # results JSON/NPZ larger than this are refused
 STAGING_PREFIX = ".staging-"     # <out_dir>/.staging-<pid>-XXXX holds a run's files until they are published
 EXIT_ERROR, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 SEED_MAX = 2**32 - 1             # numpy's RandomState accepts seeds in [0, 2**32)
+OUTPUT_PATHS = ("paper", "cache")  # what runs write; changes there do not make the code "dirty" in provenance
 VERSIONED_PACKAGES = ("numpy", "scipy", "autograd", "scikit-learn", "matplotlib", "threadpoolctl", "joblib", "dask",
                       "distributed")
 
@@ -392,7 +393,9 @@ def provenance(argv, started, wall_seconds, cpu_seconds, blas):
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
             versions[package] = None
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # uncommitted changes to the code, not to the outputs that runs write (paper/ and cache/ hold those: one
+    # script of `make reproduce` must not mark the next one's results as made by a dirty tree)
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in OUTPUT_PATHS))
     return {
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),

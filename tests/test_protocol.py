@@ -215,3 +215,23 @@ def test_sigkill_debris_is_cleaned_by_the_next_run(tmp_path):
     stale.mkdir()
     assert _start(tmp_path).wait(timeout=120) == 0
     assert not any(p.name.startswith(common.STAGING_PREFIX) for p in tmp_path.iterdir())
+
+
+def test_git_dirty_counts_code_changes_not_the_outputs_runs_write(tmp_path, monkeypatch):
+    """One script of make reproduce rewrites paper/ files; that must not mark the next one's code as dirty."""
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    git("init", "-q")
+    for rel in ("code/x.py", "paper/results/x.json", "cache/gt.npz"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(common, "REPO", tmp_path)
+    dirty = lambda: common.provenance(["x"], "now", 0.0, 0.0, [])["git_dirty"]  # noqa: E731
+    assert dirty() is False
+    (tmp_path / "paper" / "results" / "x.json").write_text("1")
+    (tmp_path / "cache" / "gt.npz").write_text("1")
+    assert dirty() is False
+    (tmp_path / "code" / "x.py").write_text("1")
+    assert dirty() is True
