@@ -27,6 +27,7 @@ import numpy as np
 import common
 import references
 import texfmt
+from budget import Budget, BudgetedRun
 from common import Claim, UsageError, check_divergence, check_finite, setting
 from data_loader import small_splits
 from neural_network import num_params
@@ -34,8 +35,6 @@ from optimizers import adam_init, adam_inplace
 from per_weight_decay import (
     STREAM_TRAIN_BATCH,
     Alg3Settings,
-    Budget,
-    BudgetedRun,
     HyperProblem,
     MLPBackprop,
     StepStreams,

@@ -29,10 +29,11 @@ import numpy as np
 import common
 import references as ref
 import texfmt
+from budget import Budget, run_budgeted
 from common import Claim, ExperimentError, check_finite, setting, step_rng
 from neural_network import init_hypernet, num_params
 from optimizers import adam_init, adam_inplace
-from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, Budget, minibatch, run_budgeted
+from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, minibatch
 
 NAME = "hypergradient_study"
 TEX_PREFIX = "Hg"  # every macro this script exports to the paper starts with it

@@ -35,12 +35,11 @@ import numpy as np
 import common
 import references as refs
 import unrolled
+from budget import Budget, BudgetedRun, run_interleaved, time_to_reach
 from common import Claim, ExperimentError, setting
 from neural_network import num_params
 from per_weight_decay import (
     Alg3Settings,
-    Budget,
-    BudgetedRun,
     HyperProblem,
     alg3_step,
     current_weights,
@@ -48,8 +47,6 @@ from per_weight_decay import (
     hypernet_size,
     init_alg3,
     mse_loss,
-    run_interleaved,
-    time_to_reach,
 )
 
 NAME = "hypernets_local_large"

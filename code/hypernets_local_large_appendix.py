@@ -30,9 +30,10 @@ import numpy as np
 import common
 import hypernets_local_large as large
 import references as refs
+from budget import Budget, BudgetedRun, run_interleaved, time_to_reach
 from common import Claim, ExperimentError, check_finite, setting, step_rng
 from neural_network import LOG_SIGMA_CONST, num_params
-from per_weight_decay import Budget, BudgetedRun, hypernet_size, run_interleaved, time_to_reach
+from per_weight_decay import hypernet_size
 
 NAME = "hypernets_local_large_appendix"
 TEX_PREFIX = "App"  # every macro this script exports to the paper starts with it

@@ -39,19 +39,11 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 import common
 import neural_network as nn
 import texfmt
+from budget import Budget, BudgetedRun, run_interleaved
 from common import Claim, ExperimentError, UsageError, check_divergence, check_finite, setting, step_rng
 from data_loader import scatter_splits
 from optimizers import adam_init, adam_inplace
-from per_weight_decay import (
-    STREAM_SAMPLES,
-    STREAM_TRAIN_BATCH,
-    STREAM_VALID_BATCH,
-    Budget,
-    BudgetedRun,
-    StepStreams,
-    minibatch,
-    run_interleaved,
-)
+from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, StepStreams, minibatch
 
 NAME = "hypernets_local_medium"
 TEX_PREFIX = "Medium"  # every macro this script exports to the paper starts with it

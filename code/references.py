@@ -13,7 +13,7 @@ where w_c = [W[:, c], b[c]] (D+1,) is class c's column of weights with its bias,
 * `hypernet_hypergradient`  J_phi(lambda)' dL_V/dw, the direction hyper-training's lambda step follows; `cosine`;
 * `exact_hypergradient_descent`  Adam on lambda with the exact hypergradient at the closed-form weights (Lorraine,
                             Vicol & Duvenaud 2020, in exact form), as a (state, step_fn, evaluate) triple for
-                            per_weight_decay.run_budgeted / BudgetedRun;
+                            budget.run_budgeted / BudgetedRun;
 * `train_to_convergence`    the fixed-lambda reference of deeper models: Adam until the validation loss stops
                             improving for a patience window;
 * `block_splits`, `split_sensitivity`  which 10,000-image block of MNIST's training set is the validation set,
@@ -244,7 +244,7 @@ def exact_hypergradient_descent(splits, lam0, step_size=EXACT_STEP, ridge=None):
     """(state, step_fn, evaluate) of Adam on lambda with the exact hypergradient on the full validation set.
 
     Each step solves for w*(lambda) (Cholesky per class) and takes one Adam step along exact_hypergradient;
-    evaluate(state) -> (valid, test) MSE at w*(lambda). Usable with per_weight_decay.run_budgeted."""
+    evaluate(state) -> (valid, test) MSE at w*(lambda). Usable with budget.run_budgeted."""
     ridge = ridge_problem(splits.train_x, splits.train_y) if ridge is None else ridge
     lam = as_decays(lam0, ridge).copy()
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from autograd import grad
 
+import budget
 import per_weight_decay as pwd
 from common import step_rng
 from data_loader import synthetic_mnist
@@ -116,13 +117,13 @@ def busy(seconds):
 
 def test_budgeted_loop_counts_steps_and_excludes_evaluation():
     slow_eval = lambda s: (busy(0.05), (1.0 / (s + 1), 2.0))[1]
-    state, curve = pwd.run_budgeted(0, lambda s, i: s + 1, slow_eval, pwd.Budget(iters=7, eval_every=3,
+    state, curve = budget.run_budgeted(0, lambda s, i: s + 1, slow_eval, budget.Budget(iters=7, eval_every=3,
                                                                                  log_every=100), log=None)
     assert state == 7 and curve.step.tolist() == [0, 3, 6, 7]
     assert curve.seconds[-1] < 0.05              # evaluations (0.05 s of CPU each) are off the clock
-    assert pwd.time_to_reach(curve, 0.2) == curve.seconds[2] and pwd.time_to_reach(curve, 0.01) is None
+    assert budget.time_to_reach(curve, 0.2) == curve.seconds[2] and budget.time_to_reach(curve, 0.01) is None
     with pytest.raises(ValueError):
-        pwd.Budget()
+        budget.Budget()
 
 
 def test_method_clock_counts_cpu_seconds_and_records_wall_seconds():
@@ -131,7 +132,7 @@ def test_method_clock_counts_cpu_seconds_and_records_wall_seconds():
         time.sleep(0.02)    # waiting: wall time only
         busy(0.01)          # working: CPU time
         return s + 1
-    _, curve = pwd.run_budgeted(0, step, lambda s: (1.0, 1.0), pwd.Budget(iters=5, eval_every=1), log=None)
+    _, curve = budget.run_budgeted(0, step, lambda s: (1.0, 1.0), budget.Budget(iters=5, eval_every=1), log=None)
     assert curve.wall_seconds.shape == curve.seconds.shape == (6,)
     assert 0.05 <= curve.seconds[-1] < 0.09                  # 5 x 0.01 s of CPU
     # + 5 x 0.02 s asleep; the margin allows for CPU that other threads of the test process (workers' parent
@@ -139,7 +140,7 @@ def test_method_clock_counts_cpu_seconds_and_records_wall_seconds():
     assert curve.wall_seconds[-1] >= 0.1 and curve.wall_seconds[-1] - curve.seconds[-1] >= 0.05
     assert np.all(np.diff(curve.seconds) > 0) and np.all(np.diff(curve.wall_seconds) > 0)
     # a seconds budget stops on CPU time: 0.05 s of CPU takes about 5 steps however long they sleep
-    _, timed = pwd.run_budgeted(0, step, lambda s: (1.0, 1.0), pwd.Budget(seconds=0.05, eval_every=1), log=None)
+    _, timed = budget.run_budgeted(0, step, lambda s: (1.0, 1.0), budget.Budget(seconds=0.05, eval_every=1), log=None)
     assert 5 <= timed.step[-1] <= 6
 
 
@@ -152,8 +153,8 @@ def test_iters_budget_is_bit_reproducible(splits):
         state = pwd.init_alg3(problem, settings, 4)
         evaluate = lambda s: (loss(pwd.current_weights(s, settings), splits.valid_x, splits.valid_y)[0],
                               loss(pwd.current_weights(s, settings), splits.test_x, splits.test_y)[0])
-        return pwd.run_budgeted(state, lambda s, i: pwd.alg3_step(s, i, problem, settings, 4), evaluate,
-                                pwd.Budget(iters=5, eval_every=2), log=None)
+        return budget.run_budgeted(state, lambda s, i: pwd.alg3_step(s, i, problem, settings, 4), evaluate,
+                                budget.Budget(iters=5, eval_every=2), log=None)
     (s1, c1), (s2, c2) = go(), go()
     assert c1.step.tolist() == c2.step.tolist() == [0, 2, 4, 5]
     assert c1.valid.tobytes() == c2.valid.tobytes() and c1.test.tobytes() == c2.test.tobytes()
@@ -169,9 +170,9 @@ def test_interleaved_runs_alternate_by_method_time():
             busy(0.01)
             return s + 1
         return step
-    runs = [pwd.BudgetedRun(0, stepper(t), lambda s: (1.0, 1.0), pwd.Budget(seconds=0.1, eval_every=5,
+    runs = [budget.BudgetedRun(0, stepper(t), lambda s: (1.0, 1.0), budget.Budget(seconds=0.1, eval_every=5,
                                                                             log_every=100), t, None) for t in "ab"]
-    pwd.run_interleaved(runs, 0.03)
+    budget.run_interleaved(runs, 0.03)
     assert all(r.finished for r in runs)
     first_b = order.index("b")
     assert 0 < first_b < len(order) - 1 and "a" in order[first_b:]   # a ran again after b started

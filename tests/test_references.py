@@ -15,18 +15,17 @@ from conftest import CODE
 sys.path.insert(0, str(CODE))
 
 import references as R  # noqa: E402
+from budget import Budget, run_budgeted  # noqa: E402
 from data_loader import Splits, synthetic_mnist  # noqa: E402
 from neural_network import flatten_params, init_mlp, num_params  # noqa: E402
 from per_weight_decay import (  # noqa: E402
     Alg3Settings,
-    Budget,
     HyperProblem,
     alg3_step,
     decay_objective,
     init_alg3,
     large_splits,
     mse_loss,
-    run_budgeted,
 )
 
 
