@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import types
@@ -152,6 +153,45 @@ class Claim:
     evaluate: Callable    # summary -> (value, verdict)
     evidence: str         # a results key and a figure
     fmt: str = "{:.3g}"   # how a numeric value is shown
+
+
+CLAIM_KEYS = ("id", "claim", "paper", "evaluate", "evidence", "fmt")  # a claims table's keys; fmt is optional
+
+
+def claims(namespace, table):
+    """[Claim] from a claims table: blocks separated by blank lines, one 'key: value' line per key of CLAIM_KEYS
+    (after dedenting, keys start a line and an indented line continues the value above); `evaluate` names a
+    function in namespace (a script passes globals()). ValueError on an unknown, missing or repeated key, an
+    unknown function or a repeated id."""
+    blocks, block, key = [], {}, None
+    for number, line in enumerate(textwrap.dedent(table).splitlines(), 1):
+        if not line.strip():
+            if block:
+                blocks.append(block)
+            block, key = {}, None
+        elif line[:1].isspace() and key is not None:
+            block[key] += " " + line.strip()
+        else:
+            key, sep, value = (part.strip() for part in line.partition(":"))
+            if not sep or key not in CLAIM_KEYS or key in block:
+                raise ValueError(f"claims table line {number}: {line.strip()!r} is not a new 'key: value' with a key "
+                                 f"of {', '.join(CLAIM_KEYS)}")
+            block[key] = value
+    if block:
+        blocks.append(block)
+    rows = []
+    for block in blocks:
+        missing = [k for k in CLAIM_KEYS[:-1] if k not in block]
+        if missing:
+            raise ValueError(f"claim {block.get('id', '?')}: missing {', '.join(missing)}")
+        function = namespace.get(block["evaluate"])
+        if not callable(function):
+            raise ValueError(f"claim {block['id']}: evaluate names no function {block['evaluate']!r}")
+        rows.append(Claim(**{**block, "evaluate": function}))
+    ids = [row.id for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"claims table repeats an id: {sorted({i for i in ids if ids.count(i) > 1})}")
+    return rows
 
 
 def threshold_verdict(value, reproduced, partly):

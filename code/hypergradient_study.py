@@ -30,7 +30,7 @@ import common
 import references as ref
 import texfmt
 from budget import Budget, run_budgeted
-from common import Claim, ExperimentError, check_finite, setting, step_rng
+from common import ExperimentError, check_finite, setting, step_rng
 from neural_network import init_hypernet, num_params
 from optimizers import adam_init, adam_inplace
 from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, minibatch
@@ -489,84 +489,102 @@ def report(summary):
 
 def tex_numbers(summary):
     """Every number the paper quotes from this study: macro name -> LaTeX."""
-    variants, r, e = summary["variants"], summary["reference"], summary["exact"]
-    numbers = {
-        "HgRefValid": texfmt.mse(r["valid"]), "HgRefTest": texfmt.mse(r["test"]),
-        "HgExactValid": texfmt.mse(e["final_valid"]), "HgExactTest": texfmt.mse(e["final_test"]),
-        "HgExactGain": texfmt.significant(e["gain"], 2), "HgExactSeconds": texfmt.seconds(e["seconds"]),
-        "HgExactSteps": texfmt.integer(e["steps"]),
-        "HgMaxAbsCosine": texfmt.fixed(max(abs(s["cosine_mean"]) for s in variants.values()), 3),
-        "HgSplitGapSpread": texfmt.significant(summary["split_gap_spread"], 2),
-        "HgNumTuning": texfmt.integer(len(summary["tuning_variants"])),
-    }
+    variants = summary["variants"]
+    numbers = texfmt.macros(TEX_PREFIX, summary, """
+        RefValid         mse           reference.valid
+        RefTest          mse           reference.test
+        ExactValid       mse           exact.final_valid
+        ExactTest        mse           exact.final_test
+        ExactGain        significant2  exact.gain
+        ExactSeconds     seconds       exact.seconds
+        ExactSteps       integer       exact.steps
+        SplitGapSpread   significant2  split_gap_spread
+    """)
+    numbers[TEX_PREFIX + "MaxAbsCosine"] = texfmt.fixed(max(abs(v["cosine_mean"]) for v in variants.values()), 3)
+    numbers[TEX_PREFIX + "NumTuning"] = texfmt.integer(len(summary["tuning_variants"]))
     if "10" in summary["rank_bound"]:
-        numbers["HgRankTenBound"] = texfmt.fixed(summary["rank_bound"]["10"], 2)
+        numbers[TEX_PREFIX + "RankTenBound"] = texfmt.fixed(summary["rank_bound"]["10"], 2)
     if "paper" in variants:
-        p = variants["paper"]
-        numbers.update(HgPaperCosine=texfmt.fixed(p["cosine_mean"], 3),
-                       HgPaperDlambda=texfmt.significant(p["dlambda_mean_abs"], 2),
-                       HgPaperGain=texfmt.significant(p["gain_lambda"], 2),
-                       HgPaperValid=texfmt.mse(p["final_valid"]))
+        numbers |= texfmt.macros(TEX_PREFIX + "Paper", variants["paper"], """
+            Cosine   fixed3        cosine_mean
+            Dlambda  significant2  dlambda_mean_abs
+            Gain     significant2  gain_lambda
+            Valid    mse           final_valid
+        """)
     return numbers
 
 
-def _paper_cosine(s):
-    c = s["variants"]["paper"]["cosine_mean"]
+def paper_cosine_verdict(summary):
+    """(mean cosine of the paper's setting with the exact hypergradient, verdict)."""
+    c = summary["variants"]["paper"]["cosine_mean"]
     verdict = "reproduced" if c > COSINE_ALIGNED else "partly" if c > COSINE_ZERO else "refuted"
     return c, verdict
 
 
-def _paper_gain(s):
-    p = s["variants"]["paper"]
+def paper_gain_verdict(summary):
+    """(validation gain of the paper's setting over the fixed-lambda level, verdict)."""
+    p = summary["variants"]["paper"]
     gain = p["gain_lambda"]
     if gain > GAIN_MIN:
         return gain, "reproduced"
     return gain, "refuted" if abs(p["cosine_mean"]) < COSINE_ZERO else "not reproduced"
 
 
-def _any_setting(s):
-    tuning = s["tuning_variants"]
-    best = max(s["variants"], key=lambda n: s["variants"][n]["gain_lambda"])
-    value = f"{', '.join(tuning) or 'none'} (best gain {s['variants'][best]['gain_lambda']:.2g}: {best})"
+def any_setting_verdict(summary):
+    """(the variants that tune lambda and the best gain, verdict)."""
+    variants, tuning = summary["variants"], summary["tuning_variants"]
+    best = max(variants, key=lambda n: variants[n]["gain_lambda"])
+    value = f"{', '.join(tuning) or 'none'} (best gain {variants[best]['gain_lambda']:.2g}: {best})"
     return value, "reproduced" if tuning else "not reproduced"
 
 
-def _exact(s):
-    return s["exact"]["gain"], "reproduced" if s["exact"]["gain"] > GAIN_MIN else "not reproduced"
+def exact_verdict(summary):
+    """(gain of exact-hypergradient descent over the fixed-lambda level, verdict)."""
+    return summary["exact"]["gain"], "reproduced" if summary["exact"]["gain"] > GAIN_MIN else "not reproduced"
 
 
-def _split(s):
-    spread = s["split_gap_spread"]
+def split_verdict(summary):
+    """(spread of the fixed-lambda valid-test gap over validation blocks, verdict against SPEC's ~0.003)."""
+    spread = summary["split_gap_spread"]
     return spread, "reproduced" if 0.5 * SPLIT_GAP_SPEC <= spread <= 2 * SPLIT_GAP_SPEC else "not reproduced"
 
 
-CLAIMS = [
-    Claim(id="hg-direction",
-          claim="Hyper-training's lambda step points along the true hypergradient at 7,850 hyperparameters",
-          paper="implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (Figure 5 top)",
-          evaluate=_paper_cosine, fmt="{:+.3f}",
-          evidence="variants.paper.cosine_mean; hypergradient_study.pdf (a)"),
-    Claim(id="hg-tunes",
-          claim="Hyper-training with the paper's settings tunes the 7,850 decays (gain over the fixed-lambda level)",
-          paper="hypernetwork valid ~0.0391 below the starting level (Figure 5 top)",
-          evaluate=_paper_gain, fmt="{:.2g}",
-          evidence="variants.paper.gain_lambda, reference.valid; hypergradient_study.pdf (c)"),
-    Claim(id="hg-any-setting",
-          claim="Some sampling / centring / step / width setting makes hyper-training tune lambda (issue 10)",
-          paper="not in the paper (our question)",
-          evaluate=_any_setting, fmt="{}",
-          evidence="tuning_variants, variants.*.gain_lambda, variants.*.cosine_mean; hypergradient_study_table.tex"),
-    Claim(id="hg-exact-tunes",
-          claim="The 7,850 decays can be tuned: exact-hypergradient descent beats the fixed-lambda level",
-          paper="the unrolled baseline descends in Figure 5 top",
-          evaluate=_exact, fmt="{:.2g}",
-          evidence="exact.gain, exact.final_valid; hypergradient_study.pdf (c)"),
-    Claim(id="hg-split-gap",
-          claim="Which 10,000-image block is the validation set moves the fixed-lambda valid-test gap by ~0.003 MSE",
-          paper="not stated (SPEC section 9)",
-          evaluate=_split, fmt="{:.4f}",
-          evidence="split_sensitivity, split_gap_spread; hypergradient_study_table.tex"),
-]
+CLAIMS = common.claims(globals(), """
+    id: hg-direction
+    claim: Hyper-training's lambda step points along the true hypergradient at 7,850 hyperparameters
+    paper: implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (Figure 5 top)
+    evaluate: paper_cosine_verdict
+    fmt: {:+.3f}
+    evidence: variants.paper.cosine_mean; hypergradient_study.pdf (a)
+
+    id: hg-tunes
+    claim: Hyper-training with the paper's settings tunes the 7,850 decays (gain over the fixed-lambda level)
+    paper: hypernetwork valid ~0.0391 below the starting level (Figure 5 top)
+    evaluate: paper_gain_verdict
+    fmt: {:.2g}
+    evidence: variants.paper.gain_lambda, reference.valid; hypergradient_study.pdf (c)
+
+    id: hg-any-setting
+    claim: Some sampling / centring / step / width setting makes hyper-training tune lambda (issue 10)
+    paper: not in the paper (our question)
+    evaluate: any_setting_verdict
+    fmt: {}
+    evidence: tuning_variants, variants.*.gain_lambda, variants.*.cosine_mean; hypergradient_study_table.tex
+
+    id: hg-exact-tunes
+    claim: The 7,850 decays can be tuned: exact-hypergradient descent beats the fixed-lambda level
+    paper: the unrolled baseline descends in Figure 5 top
+    evaluate: exact_verdict
+    fmt: {:.2g}
+    evidence: exact.gain, exact.final_valid; hypergradient_study.pdf (c)
+
+    id: hg-split-gap
+    claim: Which 10,000-image block is the validation set moves the fixed-lambda valid-test gap by ~0.003 MSE
+    paper: not stated (SPEC section 9)
+    evaluate: split_verdict
+    fmt: {:.4f}
+    evidence: split_sensitivity, split_gap_spread; hypergradient_study_table.tex
+""")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import common
 import small_experiments as se
 import texfmt
-from common import Claim, check_divergence, check_finite, setting, threshold_verdict
+from common import check_divergence, check_finite, setting, threshold_verdict
 from neural_network import hypernet_weights, init_hypernet, relu
 from optimizers import adam_init
 
@@ -228,44 +228,51 @@ def plot(summary, arrays, out_dir):
 
 def tex_numbers(summary):
     """Every number the paper's text quotes from this experiment: macro name -> LaTeX."""
-    config = summary["config"]
-    return {
-        "GlobalLambdaStarCV": texfmt.lam(summary["lambda_star_cv"]),
-        "GlobalLambdaStarHypernet": texfmt.lam(summary["lambda_star_hypernet"]),
-        "GlobalLambdaGap": texfmt.lam(summary["lambda_gap"]),
-        "GlobalCurveGap": texfmt.nll(summary["curve_gap"]),
-        "GlobalNumCV": texfmt.integer(len(summary["cv_lambdas"])),
-        "GlobalIterations": texfmt.integer(summary["iterations"]),
-        "GlobalSeconds": texfmt.seconds(summary["provenance"]["cpu_seconds"]),  # CPU s: load-independent
-        "GlobalHyperBatch": texfmt.integer(config["batch_size"]),
-        "GlobalStepSize": texfmt.scientific(config["step_size"]),
-        "GlobalHidden": texfmt.integer(config["hidden_units"]),
-        "GlobalLambdaMean": texfmt.conf(config["lambda_mean"]),
-        "GlobalLambdaStd": texfmt.conf(config["lambda_std"]),
-        "GlobalLambdaMax": texfmt.conf(config["lambda_max"]),
-        "GlobalCVLo": texfmt.conf(config["cv_lo"]),
-        "GlobalCVHi": texfmt.conf(config["cv_hi"]),
-        "GlobalCVIters": texfmt.integer(config["cv_iters"]),
-        "GlobalSweepSize": texfmt.integer(config["sweep_size"]),
-    }
+    return texfmt.macros(TEX_PREFIX, summary, """
+        LambdaStarCV        lam         lambda_star_cv
+        LambdaStarHypernet  lam         lambda_star_hypernet
+        LambdaGap           lam         lambda_gap
+        CurveGap            nll         curve_gap
+        Iterations          integer     iterations
+        Seconds             seconds     provenance.cpu_seconds
+        HyperBatch          integer     config.batch_size
+        StepSize            scientific  config.step_size
+        Hidden              integer     config.hidden_units
+        LambdaMean          conf        config.lambda_mean
+        LambdaStd           conf        config.lambda_std
+        LambdaMax           conf        config.lambda_max
+        CVLo                conf        config.cv_lo
+        CVHi                conf        config.cv_hi
+        CVIters             integer     config.cv_iters
+        SweepSize           integer     config.sweep_size
+    """) | {TEX_PREFIX + "NumCV": texfmt.integer(len(summary["cv_lambdas"]))}  # seconds: CPU, load-independent
 
 
-CLAIMS = [
-    Claim(id="fig2-argmin",
-          claim="The hypernetwork's validation curve has its minimum at the cross-validation optimum lambda*",
-          paper="gap ~0 (Figure 2: the curve's minimum sits on the dashed line)",
-          evaluate=lambda s: (s["lambda_gap"],
-                              threshold_verdict(s["lambda_gap"], ARGMIN_GAP_REPRODUCED, ARGMIN_GAP_PARTLY)),
-          fmt="{:.3f}",
-          evidence="lambda_gap (lambda_star_hypernet vs lambda_star_cv); hypernets_global_small.pdf"),
-    Claim(id="fig2-curve",
-          claim="The optimized hypernetwork's validation loss matches cross-validation at the crosses",
-          paper="curve through the crosses (Figure 2)",
-          evaluate=lambda s: (s["curve_gap"],
-                              threshold_verdict(s["curve_gap"], CURVE_GAP_REPRODUCED, CURVE_GAP_PARTLY)),
-          fmt="{:.3f}",
-          evidence="curve_gap (hypernet_valid_at_cv vs cv_valid_loss); hypernets_global_small.pdf"),
-]
+def argmin_verdict(summary):
+    """(gap between the hypernetwork's and cross-validation's argmin, verdict)."""
+    return summary["lambda_gap"], threshold_verdict(summary["lambda_gap"], ARGMIN_GAP_REPRODUCED, ARGMIN_GAP_PARTLY)
+
+
+def curve_verdict(summary):
+    """(mean gap between the hypernetwork's curve and the cross-validation crosses, verdict)."""
+    return summary["curve_gap"], threshold_verdict(summary["curve_gap"], CURVE_GAP_REPRODUCED, CURVE_GAP_PARTLY)
+
+
+CLAIMS = common.claims(globals(), """
+    id: fig2-argmin
+    claim: The hypernetwork's validation curve has its minimum at the cross-validation optimum lambda*
+    paper: gap ~0 (Figure 2: the curve's minimum sits on the dashed line)
+    evaluate: argmin_verdict
+    fmt: {:.3f}
+    evidence: lambda_gap (lambda_star_hypernet vs lambda_star_cv); hypernets_global_small.pdf
+
+    id: fig2-curve
+    claim: The optimized hypernetwork's validation loss matches cross-validation at the crosses
+    paper: curve through the crosses (Figure 2)
+    evaluate: curve_verdict
+    fmt: {:.3f}
+    evidence: curve_gap (hypernet_valid_at_cv vs cv_valid_loss); hypernets_global_small.pdf
+""")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import common
 import small_experiments as se
 import texfmt
-from common import Claim, check_divergence, check_finite, setting, threshold_verdict
+from common import check_divergence, check_finite, setting, threshold_verdict
 from neural_network import init_hypernet
 from optimizers import adam_init
 
@@ -262,51 +262,63 @@ def plot(summary, arrays, out_dir):
 
 def tex_numbers(summary):
     """Every number the paper's text quotes from this experiment: macro name -> LaTeX."""
-    config = summary["config"]
-    return {
-        "LocalLambdaInit": texfmt.lam(summary["lambda_init"]),
-        "LocalLambdaFinal": texfmt.lam(summary["lambda_final"]),
-        "LocalLambdaStarCV": texfmt.lam(summary["lambda_star_cv"]),
-        "LocalLambdaGap": texfmt.lam(summary["lambda_gap"]),
-        "LocalValidLossFinal": texfmt.nll(summary["valid_loss_final"]),
-        "LocalIterations": texfmt.integer(summary["iterations"]),
-        "LocalSeconds": texfmt.seconds(summary["provenance"]["cpu_seconds"]),  # CPU s: load-independent
-        "LocalHyperBatch": texfmt.integer(config["batch_size"]),
-        "LocalHypernetStep": texfmt.scientific(config["hypernet_step_size"]),
-        "LocalHyperStep": texfmt.scientific(config["hyper_step_size"]),
-        "LocalSigma": texfmt.conf(config["sigma"]),
-        "LocalCVIters": texfmt.integer(config["cv_iters"]),
-    }
+    return texfmt.macros(TEX_PREFIX, summary, """
+        LambdaInit      lam         lambda_init
+        LambdaFinal     lam         lambda_final
+        LambdaStarCV    lam         lambda_star_cv
+        LambdaGap       lam         lambda_gap
+        ValidLossFinal  nll         valid_loss_final
+        Iterations      integer     iterations
+        Seconds         seconds     provenance.cpu_seconds
+        HyperBatch      integer     config.batch_size
+        HypernetStep    scientific  config.hypernet_step_size
+        HyperStep       scientific  config.hyper_step_size
+        Sigma           conf        config.sigma
+        CVIters         integer     config.cv_iters
+    """)  # seconds: CPU, load-independent
 
 
-def _converges(summary):
+def converges_verdict(summary):
+    """(distance of the final lambda_hat from lambda*, verdict; a run still moving at the cap is not converged)."""
     value = summary["lambda_gap"]
     if not summary["converged"]:
         return value, "not reproduced"  # still moving at the cap: no convergence to report
     return value, threshold_verdict(value, LAMBDA_GAP_REPRODUCED, LAMBDA_GAP_PARTLY)
 
 
-CLAIMS = [
-    Claim(id="fig4-lambda",
-          claim="Joint optimisation moves lambda_hat from -3.5 to the cross-validation optimum lambda* and settles",
-          paper="lambda_hat at the dashed line (Figure 4; released code's lambda* 1.836)",
-          evaluate=_converges,
-          fmt="{:.3f}",
-          evidence="lambda_gap (lambda_final vs lambda_star_cv), converged; hypernets_local_small.pdf"),
-    Claim(id="fig4-tracking",
-          claim="At lambda_hat the hypernetwork's validation loss equals that of weights optimised at lambda_hat",
-          paper="red curve touches the red crosses at lambda_hat (Figure 4)",
-          evaluate=lambda s: (s["tracking_gap"], threshold_verdict(s["tracking_gap"], TRACKING_GAP_REPRODUCED,
-                                                          TRACKING_GAP_PARTLY)),
-          fmt="{:.3f}",
-          evidence="tracking_gap (valid_loss_final vs cv_valid_at_final); hypernets_local_small.pdf"),
-    Claim(id="fig4-regret",
-          claim="The hyperparameter found reaches the best cross-validation validation loss",
-          paper="~0 (Figure 4: the red curve's minimum at the crosses' minimum)",
-          evaluate=lambda s: (s["regret"], threshold_verdict(abs(s["regret"]), REGRET_REPRODUCED, REGRET_PARTLY)),
-          fmt="{:.3f}",
-          evidence="regret (valid_loss_final minus min cv_sweep_valid); hypernets_local_small.pdf"),
-]
+def tracking_verdict(summary):
+    """(hypernetwork's validation loss at lambda_hat minus that of weights optimised there, verdict)."""
+    return summary["tracking_gap"], threshold_verdict(summary["tracking_gap"], TRACKING_GAP_REPRODUCED,
+                                                      TRACKING_GAP_PARTLY)
+
+
+def regret_verdict(summary):
+    """(validation loss at the final lambda_hat minus the best cross-validation loss, verdict)."""
+    return summary["regret"], threshold_verdict(abs(summary["regret"]), REGRET_REPRODUCED, REGRET_PARTLY)
+
+
+CLAIMS = common.claims(globals(), """
+    id: fig4-lambda
+    claim: Joint optimisation moves lambda_hat from -3.5 to the cross-validation optimum lambda* and settles
+    paper: lambda_hat at the dashed line (Figure 4; released code's lambda* 1.836)
+    evaluate: converges_verdict
+    fmt: {:.3f}
+    evidence: lambda_gap (lambda_final vs lambda_star_cv), converged; hypernets_local_small.pdf
+
+    id: fig4-tracking
+    claim: At lambda_hat the hypernetwork's validation loss equals that of weights optimised at lambda_hat
+    paper: red curve touches the red crosses at lambda_hat (Figure 4)
+    evaluate: tracking_verdict
+    fmt: {:.3f}
+    evidence: tracking_gap (valid_loss_final vs cv_valid_at_final); hypernets_local_small.pdf
+
+    id: fig4-regret
+    claim: The hyperparameter found reaches the best cross-validation validation loss
+    paper: ~0 (Figure 4: the red curve's minimum at the crosses' minimum)
+    evaluate: regret_verdict
+    fmt: {:.3f}
+    evidence: regret (valid_loss_final minus min cv_sweep_valid); hypernets_local_small.pdf
+""")
 
 
 if __name__ == "__main__":

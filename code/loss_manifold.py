@@ -17,7 +17,7 @@ import numpy as np
 
 import common
 import texfmt
-from common import Claim, setting
+from common import setting
 
 NAME = "loss_manifold"
 TEX_PREFIX = "Manifold"  # every macro this script exports to the paper starts with it
@@ -238,12 +238,13 @@ def report(summary):
 
 def tex_numbers(summary):
     """Every number main.tex quotes from this experiment: macro name -> LaTeX text."""
-    s = summary
-    return {"ManifoldLambdaStar": texfmt.lam(s["lambda_star"]),
-            "ManifoldLambdaPhiStar": texfmt.lam(s["lambda_phi_star"]),
-            "ManifoldLambdaGap": texfmt.lam(abs(s["lambda_star"] - s["lambda_phi_star"])),
-            "ManifoldValidAtStar": texfmt.nll(s["valid_loss_at_lambda_star"]),
-            "ManifoldValidAtPhiStar": texfmt.nll(s["valid_loss_at_lambda_phi_star"])}
+    gap = abs(summary["lambda_star"] - summary["lambda_phi_star"])
+    return texfmt.macros(TEX_PREFIX, summary, """
+        LambdaStar      lam  lambda_star
+        LambdaPhiStar   lam  lambda_phi_star
+        ValidAtStar     nll  valid_loss_at_lambda_star
+        ValidAtPhiStar  nll  valid_loss_at_lambda_phi_star
+    """) | {TEX_PREFIX + "LambdaGap": texfmt.lam(gap)}
 
 
 # Thresholds of the verdicts (SPEC section 10); the analytic answers are pi/2 and a tangent at lambda_hat.
@@ -252,44 +253,62 @@ LAMBDA_TOL_PARTLY = 0.1    # within this: the same picture, found imprecisely
 TANGENT_TOL = 1e-9         # value and slope gaps at lambda_hat below this: the hypernetwork is the tangent
 
 
-def _near(value, target):
-    gap = abs(value - target)
-    return value, "reproduced" if gap <= LAMBDA_TOL else "partly" if gap <= LAMBDA_TOL_PARTLY else "not reproduced"
+def _gap_verdict(gap):
+    return "reproduced" if gap <= LAMBDA_TOL else "partly" if gap <= LAMBDA_TOL_PARTLY else "not reproduced"
 
 
-def _same_minimiser(s):
-    gap = abs(s["lambda_star"] - s["lambda_phi_star"])
-    return gap, "reproduced" if gap <= LAMBDA_TOL else "partly" if gap <= LAMBDA_TOL_PARTLY else "not reproduced"
+def lambda_star_verdict(summary):
+    """(argmin of the validation loss along the best response, verdict against pi/2)."""
+    return summary["lambda_star"], _gap_verdict(abs(summary["lambda_star"] - np.pi / 2))
 
 
-def _tangent(s):
-    gap = max(s["response_gap_at_lambda_hat"], s["slope_gap_at_lambda_hat"])
+def lambda_phi_star_verdict(summary):
+    """(argmin of the validation loss along the hypernetwork, verdict against pi/2)."""
+    return summary["lambda_phi_star"], _gap_verdict(abs(summary["lambda_phi_star"] - np.pi / 2))
+
+
+def same_minimiser_verdict(summary):
+    """(distance between the two argmins, verdict)."""
+    gap = abs(summary["lambda_star"] - summary["lambda_phi_star"])
+    return gap, _gap_verdict(gap)
+
+
+def tangent_verdict(summary):
+    """(largest value or slope gap between hypernetwork and best response at lambda_hat, verdict)."""
+    gap = max(summary["response_gap_at_lambda_hat"], summary["slope_gap_at_lambda_hat"])
     return gap, "reproduced" if gap <= TANGENT_TOL else "not reproduced"
 
 
-CLAIMS = [
-    Claim(id="fig3-lambda-star",
-          claim="Along the best response w*(lambda), the validation loss is smallest at lambda* = pi/2",
-          paper="lambda* = pi/2 (Figure 3, right, blue star)",
-          evaluate=lambda s: _near(s["lambda_star"], np.pi / 2), fmt="{:.6f}",
-          evidence="lambda_star; valid_loss_manifold.pdf"),
-    Claim(id="fig3-lambda-phi-star",
-          claim="Along the linear hypernetwork w_phi(lambda), the validation loss is smallest at lambda_phi* = pi/2",
-          paper="lambda_phi* = pi/2 (Figure 3, right, red star)",
-          evaluate=lambda s: _near(s["lambda_phi_star"], np.pi / 2), fmt="{:.6f}",
-          evidence="lambda_phi_star; valid_loss_manifold.pdf"),
-    Claim(id="fig3-same-minimiser",
-          claim="The hypernetwork, accurate only near lambda_hat, still leads to the true minimiser: "
-                "lambda_phi* = lambda*",
-          paper="the two stars share lambda (Figure 3, right)",
-          evaluate=_same_minimiser, fmt="{:.2e}",
-          evidence="lambda_star, lambda_phi_star; valid_loss_manifold.pdf"),
-    Claim(id="fig3-tangent",
-          claim="The linear hypernetwork matches the best response at the current lambda_hat (value and slope)",
-          paper="curves touch at lambda_hat (Figure 3, left, green star)",
-          evaluate=_tangent, fmt="{:.1e}",
-          evidence="response_gap_at_lambda_hat, slope_gap_at_lambda_hat; train_loss_manifold.pdf"),
-]
+CLAIMS = common.claims(globals(), """
+    id: fig3-lambda-star
+    claim: Along the best response w*(lambda), the validation loss is smallest at lambda* = pi/2
+    paper: lambda* = pi/2 (Figure 3, right, blue star)
+    evaluate: lambda_star_verdict
+    fmt: {:.6f}
+    evidence: lambda_star; valid_loss_manifold.pdf
+
+    id: fig3-lambda-phi-star
+    claim: Along the linear hypernetwork w_phi(lambda), the validation loss is smallest at lambda_phi* = pi/2
+    paper: lambda_phi* = pi/2 (Figure 3, right, red star)
+    evaluate: lambda_phi_star_verdict
+    fmt: {:.6f}
+    evidence: lambda_phi_star; valid_loss_manifold.pdf
+
+    id: fig3-same-minimiser
+    claim: The hypernetwork, accurate only near lambda_hat, still leads to the true minimiser:
+      lambda_phi* = lambda*
+    paper: the two stars share lambda (Figure 3, right)
+    evaluate: same_minimiser_verdict
+    fmt: {:.2e}
+    evidence: lambda_star, lambda_phi_star; valid_loss_manifold.pdf
+
+    id: fig3-tangent
+    claim: The linear hypernetwork matches the best response at the current lambda_hat (value and slope)
+    paper: curves touch at lambda_hat (Figure 3, left, green star)
+    evaluate: tangent_verdict
+    fmt: {:.1e}
+    evidence: response_gap_at_lambda_hat, slope_gap_at_lambda_hat; train_loss_manifold.pdf
+""")
 
 
 if __name__ == "__main__":

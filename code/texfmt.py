@@ -135,3 +135,54 @@ def text(value):
     specials = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
     return "".join(specials.get(char, char) for char in value)
+
+
+# ------------------------------------------------------------------------------------ macro tables
+# A script's tex_numbers declares its plain macros as a table, one per line: the macro name without the
+# script's TEX_PREFIX, a formatter of this module (a one-argument one, or fixed<N> / significant<N> for
+# N decimals / digits), and the summary key as a dotted path ("config.batch_size", "models.784-10.steps").
+# Computed numbers stay in code beside the table.
+_ONE_ARGUMENT = ("conf", "lam", "nll", "mse", "err", "integer", "seconds", "seconds_or_never", "minutes",
+                 "percent", "scientific", "number_list", "word", "text")
+
+
+def lookup(summary, path):
+    """summary[k1][k2]... for the dotted path "k1.k2..."; a list index may be a key too ("curve.0")."""
+    value = summary
+    for key in path.split("."):
+        value = value[int(key)] if isinstance(value, list) else value[key]
+    return value
+
+
+def formatter(name):
+    """The formatter called `name` in a macro table: fixed3 -> fixed(., 3), significant2, or a one-argument one."""
+    for stem, function in (("fixed", fixed), ("significant", significant)):
+        if name.startswith(stem) and name[len(stem):].isdigit():
+            digits = int(name[len(stem):])
+            return lambda value: function(value, digits)
+    if name not in _ONE_ARGUMENT:
+        raise ValueError(f"unknown formatter {name!r} in a macro table (one of {', '.join(_ONE_ARGUMENT)}, "
+                         "fixedN, significantN)")
+    return globals()[name]
+
+
+def parse_table(table):
+    """[(name, formatter name, path)] of a macro table's non-blank lines; ValueError on a malformed line."""
+    rows = []
+    for line in table.strip().splitlines():
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise ValueError(f"macro table line {line.strip()!r} is not 'Name formatter key.path'")
+        formatter(parts[1])
+        rows.append(tuple(parts))
+    names = [name for name, _, _ in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"macro table declares a name twice: {sorted({n for n in names if names.count(n) > 1})}")
+    return rows
+
+
+def macros(prefix, summary, table):
+    """{prefix + name: LaTeX} for every row of the macro table, each value read from summary by its path."""
+    return {prefix + name: formatter(kind)(lookup(summary, path)) for name, kind, path in parse_table(table)}

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import common
-from common import Claim, ExperimentError, setting
+from common import ExperimentError, setting
 
 NAME = "protocol_toy"
 
@@ -25,9 +25,19 @@ class Config:
 
 QUICK = dict(num_iters=5)
 DATA = None
-CLAIMS = [Claim(id="toy-min", claim="the toy loop finds the minimum", paper="0",
-                evaluate=lambda s: (s["final"], "reproduced" if abs(s["final"]) < 0.1 else "not reproduced"),
-                evidence="final; protocol_toy.pdf")]
+
+
+def min_verdict(summary):
+    return summary["final"], "reproduced" if abs(summary["final"]) < 0.1 else "not reproduced"
+
+
+CLAIMS = common.claims(globals(), """
+    id: toy-min
+    claim: the toy loop finds the minimum
+    paper: 0
+    evaluate: min_verdict
+    evidence: final; protocol_toy.pdf
+""")
 
 
 def validate(config):
