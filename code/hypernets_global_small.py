@@ -196,7 +196,7 @@ def plot(summary, arrays, out_dir):
     """Figure 2: cross-validation crosses, the hypernetwork's validation curve, lambda*; returns the paths."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import finish_figure, schematic_axes, set_paper_style
 
     set_paper_style(FONT_SIZE)
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -210,18 +210,11 @@ def plot(summary, arrays, out_dir):
     low, high = min(np.min(cv_valid), np.min(curve)), max(np.max(cv_valid), np.max(curve))
     ax.set_xlim(curve_lambdas[0], curve_lambdas[-1])
     ax.set_ylim(low - BOTTOM_PAD * (high - low), high + TOP_PAD * (high - low))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.set_xlabel(r"Hyperparameter $\lambda$")
-    ax.set_ylabel(r"Validation Loss $\mathcal{L}_{\mathrm{Valid.}}$")
+    schematic_axes(ax, r"Hyperparameter $\lambda$", r"Validation Loss $\mathcal{L}_{\mathrm{Valid.}}$")
     legend = ax.legend(loc="upper left", frameon=False, numpoints=2)
     clear_legend(ax, legend, cv_lambdas, cv_valid, MARKER_SIZE)
     clear_legend(ax, legend, curve_lambdas, curve, LINE_WIDTH)
-    paths = save_figure(fig, NAME, out_dir, bbox_inches="tight")
-    close(fig)
-    return paths
+    return finish_figure(fig, NAME, out_dir, tight=False, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------------------- paper and claims

@@ -220,7 +220,7 @@ def plot(summary, arrays, out_dir):
     """Figure 4: hypernetwork train/valid curves, cross-validation crosses, lambda*, p(lambda|lambda_hat)."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, fit_limits, save_figure, set_paper_style
+    from plotting import finish_figure, fit_limits, schematic_axes, set_paper_style
 
     set_paper_style(FONT_SIZE)
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -246,16 +246,9 @@ def plot(summary, arrays, out_dir):
                label=r"Optimal hyperparameter $\lambda$")
     ax.plot(xs, ylim[0] + bump, "g-", linewidth=LINE_WIDTH, label=r"$p(\lambda|\hat{\lambda})$")
     ax.set_xlim(*xlim)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.set_xlabel(r"Hyperparameter $\lambda$")
-    ax.set_ylabel(r"Loss $\mathcal{L}$")
+    schematic_axes(ax, r"Hyperparameter $\lambda$", r"Loss $\mathcal{L}$")
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), frameon=False, numpoints=2)
-    paths = save_figure(fig, NAME, out_dir, bbox_inches="tight")
-    close(fig)
-    return paths
+    return finish_figure(fig, NAME, out_dir, tight=False, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------------------- paper and claims

@@ -116,6 +116,16 @@ def close(fig):
 
 # ----------------------------------------------------------------------------------- quick-run helpers
 
+def schematic_axes(ax, xlabel, ylabel):
+    """The small experiments' schematic style (Figures 2 and 4): no ticks, no top or right spine, labels only."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+
+
 def fit_limits(ax, values, axis="y", margin=LIMIT_MARGIN, only_outside=False):
     """Set ax's x or y limits to the finite values' range plus margin*span each side; returns (lo, hi).
 

@@ -1,4 +1,5 @@
 """MNIST loader against hostile inputs (issue 11): gzip bombs, odd files, huge or slow downloads; one-line errors."""
+import contextlib
 import gzip
 import os
 import stat
@@ -15,6 +16,37 @@ import pytest
 import data_loader as dl
 from conftest import CODE
 from test_data_loader import N_SMALL, idx_images, idx_labels, server, spec_for, tiny_files  # noqa: F401
+
+
+@contextlib.contextmanager
+def drip_server(length, chunks, chunk_bytes, pause=0.05):
+    """A local HTTP server that announces `length` bytes, then sends `chunks` gzip-looking chunks of chunk_bytes
+    every `pause` s (never silent long enough for a socket timeout); yields its URL."""
+    import http.server
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            try:
+                for _ in range(chunks):
+                    self.wfile.write(b"\x1f\x8b" + bytes(chunk_bytes))
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 MB = 1 << 20
 BOMB_ZEROS = 200 * MB  # content of the big bomb: 200 MB of zeros, about 0.2 MB gzipped
@@ -156,39 +188,14 @@ def test_download_larger_than_the_cap_is_cut_off(tmp_path, server):  # noqa: F81
 
 
 def test_slow_drip_download_hits_the_deadline(tmp_path, monkeypatch):
-    import http.server
-
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setattr(dl, "DOWNLOAD_DEADLINE", 0.5)
-
-    class Drip(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            try:
-                for _ in range(100):  # 10 bytes every 50 ms: never silent for the socket timeout
-                    self.wfile.write(b"\x1f\x8b" + bytes(8))
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with drip_server(length=100000, chunks=100, chunk_bytes=8) as url:  # 10 bytes every 50 ms
         start = time.monotonic()
         with pytest.raises(dl.MNISTError, match="slower than 0.5 s for one file"):
-            dl.download(spec_for(idx_images()), tmp_path, mirrors=(f"http://127.0.0.1:{httpd.server_address[1]}/",),
-                        timeout=5)
+            dl.download(spec_for(idx_images()), tmp_path, mirrors=(url,), timeout=5)
         assert time.monotonic() - start < 3.0
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert os.listdir(tmp_path) == []
 
 
@@ -501,46 +508,24 @@ def test_failed_write_during_download_leaves_no_partial_file(tmp_path, server, m
 @pytest.mark.parametrize("signum, code, word", [(15, 143, "terminated"), (2, 130, "interrupted")],
                          ids=["SIGTERM", "SIGINT"])
 def test_cli_signal_mid_download_exits_cleanly(tmp_path, monkeypatch, signum, code, word):
-    import http.server
-
-    class Drip(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", "1000000")
-            self.end_headers()
-            try:
-                for _ in range(600):
-                    self.wfile.write(b"\x1f\x8b" + bytes(1000))
-                    self.wfile.flush()
-                    time.sleep(0.05)
-            except OSError:
-                pass
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    code_text = ("import functools, sys, data_loader as dl; "
-                 f"dl.fetch_file = functools.partial(dl.fetch_file, mirrors=({url!r},)); "
-                 f"sys.exit(dl.main(['--data-dir', {str(tmp_path)!r}]))")
-    env = dict(os.environ, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
-    proc = subprocess.Popen([sys.executable, "-c", code_text], cwd=CODE, env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not any(dl.PART_PREFIX in name for name in os.listdir(tmp_path)):
-            assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        proc.send_signal(signum)
-        _, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        httpd.shutdown()
-        httpd.server_close()
+    with drip_server(length=1000000, chunks=600, chunk_bytes=1000) as url:
+        code_text = ("import functools, sys, data_loader as dl; "
+                     f"dl.fetch_file = functools.partial(dl.fetch_file, mirrors=({url!r},)); "
+                     f"sys.exit(dl.main(['--data-dir', {str(tmp_path)!r}]))")
+        env = dict(os.environ, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1")
+        proc = subprocess.Popen([sys.executable, "-c", code_text], cwd=CODE, env=env, stderr=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not any(dl.PART_PREFIX in name for name in os.listdir(tmp_path)):
+                assert time.monotonic() < deadline and proc.poll() is None, "the download never started"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            proc.send_signal(signum)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == code and stderr == f"error: {word} (no partial file left)\n"
     assert os.listdir(tmp_path) == []
 
