@@ -220,7 +220,7 @@ def plot(summary, arrays, out_dir):
 # ------------------------------------------------------------------------------- paper and claims
 
 def tex_numbers(summary):
-    """Every number the paper's text quotes from this experiment: macro name -> LaTeX."""
+    """The numbers main.tex quotes about Figure 2 and its run: macro name -> LaTeX."""
     return texfmt.macros(TEX_PREFIX, summary, """
         LambdaStarCV        lam         lambda_star_cv
         LambdaStarHypernet  lam         lambda_star_hypernet
