@@ -109,6 +109,18 @@ def test_readme_tables_are_replaced_between_markers():
         make_results_tex.replace_between("no markers", "runtimes", "x")
 
 
+def test_reproduce_cost_sums_provenance_without_the_studies():
+    prov = {"cpu_model": "CPU", "cpu_count": 2}
+    summaries = {"hypernets_global_small": {"provenance": dict(prov, wall_seconds=60.0, cpu_seconds=50.0)},
+                 "loss_manifold": {"provenance": dict(prov, wall_seconds=120.0, cpu_seconds=100.0)},
+                 "hypergradient_study": {"provenance": dict(prov, wall_seconds=6000.0, cpu_seconds=6000.0)}}
+    modules = dict.fromkeys(["hypernets_global_small", "loss_manifold", "hypergradient_study"])
+    assert make_results_tex.reproduce_totals(modules, summaries) == (180.0, 150.0, "CPU x2")
+    text = make_results_tex.cost_markdown(modules, summaries)
+    assert "**3 minutes**" in text and "2.5 CPU minutes" in text and "not run yet" not in text
+    assert "1 script(s) not run yet" in make_results_tex.cost_markdown(dict(modules, scatter=None), summaries)
+
+
 def test_committed_results_define_every_number_main_tex_quotes(capsys):
     """Every result macro main.tex uses is exported by an experiment's committed results (no n/a, no typo)."""
     warnings = []
