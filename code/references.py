@@ -15,7 +15,13 @@ where w_c = [W[:, c], b[c]] (D+1,) is class c's column of weights with its bias,
                             Vicol & Duvenaud 2020, in exact form), as a (state, step_fn, evaluate) triple for
                             budget.run_budgeted / BudgetedRun;
 * `train_to_convergence`    the fixed-lambda reference of deeper models: Adam until the validation loss stops
-                            improving for a patience window;
+                            improving for a patience window (warm-startable from w0);
+* `MLPObjective`            full-batch MSE + sum_j exp(lambda_j) w_j^2 of an MLP: value, gradient and exact
+                            Hessian-vector products (hand-written R-operator);
+* `minimise_objective`      w*(lambda) to a gradient tolerance by full-batch L-BFGS, warm-started;
+* `conjugate_gradient`      CG with damping on negative curvature and a recorded residual;
+* `ift_hypergradient`       dL_V/dlambda = -(d2 L_T/dlambda dw)' H^{-1} dL_V/dw at (near-)converged MLP weights
+                            (implicit differentiation; exact for the linear model, the closed form above);
 * `block_splits`, `split_sensitivity`  which 10,000-image block of MNIST's training set is the validation set,
                             and the fixed-lambda reference's valid - test gap for each block.
 
@@ -270,9 +276,11 @@ def train_to_convergence(layer_sizes, lam, splits, seed=7, step_size=CONVERGE_ST
     """Plain training at fixed lambda until the validation MSE stops improving for `patience` evaluations.
 
     Adam on MSE + sum_j exp(lambda_j) w_j^2 over minibatches (step_rng(seed, step, stream)), from w0 (P,) or a
-    fan-in init (RandomState(seed)). Returns dict valid (best), test (at the best validation), step of the
-    best, steps run, converged (stopped by patience, not max_steps), weights (P,) at the best."""
+    fan-in init (RandomState(seed)); pass earlier weights as w0 to warm-start. Returns dict valid (best), test (at
+    the best validation), step of the best, steps run, converged (stopped by patience, not max_steps), weights
+    (P,) at the best."""
     from per_weight_decay import decay_objective, fan_in_init, mse_loss
+    from progress import Progress
 
     P = num_params(layer_sizes)
     lam = np.broadcast_to(np.asarray(lam, float), (P,)) if np.ndim(lam) == 0 else np.asarray(lam, float)
@@ -282,21 +290,241 @@ def train_to_convergence(layer_sizes, lam, splits, seed=7, step_size=CONVERGE_ST
     adam, scratch = adam_init(w), np.empty(P)
     best = {"valid": np.inf, "test": np.inf, "step": 0, "weights": w.copy()}
     since_best, step = 0, 0
-    while step < max_steps and since_best < patience:
-        for _ in range(eval_every):
-            idx = step_rng(seed, step, STREAM_CONVERGE_BATCH).randint(0, len(splits.train_x), size=batch_size)
-            g = gradient(w, splits.train_x[idx], splits.train_y[idx])
-            check_finite(g, step, "training gradient")
-            adam = adam_inplace(w, g, adam, step_size, scratch)
-            step += 1
-        valid = float(loss(w[None, :], splits.valid_x, splits.valid_y)[0])
-        if valid < best["valid"]:
-            best = {"valid": valid, "test": float(loss(w[None, :], splits.test_x, splits.test_y)[0]),
-                    "step": step, "weights": w.copy()}
-            since_best = 0
-        else:
-            since_best += 1
+    with Progress(total=max_steps, desc="train to convergence", unit="step") as bar:
+        while step < max_steps and since_best < patience:
+            for _ in range(eval_every):
+                idx = step_rng(seed, step, STREAM_CONVERGE_BATCH).randint(0, len(splits.train_x), size=batch_size)
+                g = gradient(w, splits.train_x[idx], splits.train_y[idx])
+                check_finite(g, step, "training gradient")
+                adam = adam_inplace(w, g, adam, step_size, scratch)
+                step += 1
+            valid = float(loss(w[None, :], splits.valid_x, splits.valid_y)[0])
+            if valid < best["valid"]:
+                best = {"valid": valid, "test": float(loss(w[None, :], splits.test_x, splits.test_y)[0]),
+                        "step": step, "weights": w.copy()}
+                since_best = 0
+            else:
+                since_best += 1
+            bar.set(step, valid=f"{valid:.5f}")
     return {**best, "steps": step, "converged": since_best >= patience}
+
+
+# ------------------------------------------------------------ deeper models: implicit differentiation
+
+# Defaults of the implicit-differentiation pieces (our choice; compare_number_layers sets its own in its Config).
+IFT_CG_ITERS = 50         # CG iteration cap: each iteration is one full-batch Hessian-vector product
+IFT_CG_TOL = 1e-3         # CG stops once its relative residual ||b - (H + mu I) x|| / ||b|| is below this
+DAMPING_GROWTH = 2.0      # on negative curvature q = p'(H + mu I)p / p'p <= 0, CG restarts with mu + 2 |q| + floor
+DAMPING_FLOOR = 1e-8      # (the floor: a q of exactly 0 still raises mu)
+MINIMISE_GTOL = 1e-8      # minimise_objective stops once max_j |dF/dw_j| is below this ...
+MINIMISE_MAX_EVALS = 200  # ... or after this many objective-and-gradient evaluations (each one full batch)
+MINIMISE_FTOL = float(np.finfo(float).eps)  # L-BFGS-B's relative-decrease test, at rounding (gtol decides)
+
+
+class MLPObjective:
+    """F(w) = mean over (N, C) of (net_w(x) - y)^2 + sum_j exp(lambda_j) w_j^2 of one MLP on a full batch: the
+    training objective of per_weight_decay.decay_objective for one weight set (its validation loss mse_loss when
+    lam is None), with hand-written gradient and exact Hessian-vector products.
+
+    layer_sizes [D, ..., C] (ReLU hidden layers, linear output); x (N, D); y (N, C); lam (P,), a scalar or None;
+    weights w (P,) in flatten_params order.
+
+    Forward (layers l = 1..L): a_0 = x, z_l = a_{l-1} W_l + b_l, a_l = relu(z_l) for l < L, a_L = z_L.
+    Gradient (chain rule; s = 2 / (N C) from the mean over N x C entries):
+        delta_L = s (z_L - y),  dF/dW_l = a_{l-1}' delta_l,  dF/db_l = sum_rows delta_l,
+        delta_{l-1} = (delta_l W_l') [z_{l-1} > 0],  plus 2 exp(lambda) w from the decay.
+    Hessian-vector product H v (Pearlmutter's R-operator: R{f} = d/dt f(w + t v) at t = 0, v = (V_l, c_l)):
+        R{a_0} = 0,  R{z_l} = R{a_{l-1}} W_l + a_{l-1} V_l + c_l,  R{a_l} = R{z_l} [z_l > 0]  (relu'' = 0 off the
+        kink, so the mask is constant along t), R{a_L} = R{z_L};
+        R{delta_L} = s R{z_L},  R{dF/dW_l} = R{a_{l-1}}' delta_l + a_{l-1}' R{delta_l},  R{dF/db_l} = sum R{delta_l},
+        R{delta_{l-1}} = (R{delta_l} W_l' + delta_l V_l') [z_{l-1} > 0],  plus 2 exp(lambda) v from the decay."""
+
+    def __init__(self, layer_sizes, x, y, lam=None):
+        from per_weight_decay import layer_slices
+
+        self.layer_sizes = tuple(int(s) for s in layer_sizes)
+        self.layers = layer_slices(self.layer_sizes)
+        self.P = num_params(self.layer_sizes)
+        self.x, self.y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+        self.scale = 2.0 / self.y.size
+        if lam is None:
+            self.lam, self.decay = None, np.zeros(self.P)
+        else:
+            self.lam = np.broadcast_to(np.asarray(lam, dtype=float), (self.P,)).copy()
+            self.decay = np.exp(self.lam)
+
+    def _forward(self, w):
+        """[a_0 = x, a_1, ..., a_L = z_L]."""
+        acts, last = [self.x], len(self.layers) - 1
+        for i, (sW, sb, m, n) in enumerate(self.layers):
+            z = acts[-1] @ w[sW].reshape(m, n) + w[sb]
+            acts.append(np.maximum(z, 0.0) if i < last else z)
+        return acts
+
+    def _backward(self, w, acts):
+        """(dMSE/dw (P,), [delta_1, ..., delta_L]) from the activations of _forward(w)."""
+        out, deltas = np.empty(self.P), [None] * len(self.layers)
+        delta = self.scale * (acts[-1] - self.y)
+        for i in range(len(self.layers) - 1, -1, -1):
+            sW, sb, m, n = self.layers[i]
+            deltas[i] = delta
+            out[sW] = (acts[i].T @ delta).ravel()
+            out[sb] = delta.sum(axis=0)
+            if i > 0:
+                delta = (delta @ w[sW].reshape(m, n).T) * (acts[i] > 0)
+        return out, deltas
+
+    def value(self, w):
+        """F(w), a float."""
+        w = np.asarray(w, dtype=float)
+        return float(np.mean((self._forward(w)[-1] - self.y) ** 2) + np.sum(self.decay * w ** 2))
+
+    def value_and_grad(self, w):
+        """(F(w), dF/dw (P,))."""
+        w = np.asarray(w, dtype=float)
+        acts = self._forward(w)
+        g, _ = self._backward(w, acts)
+        g += 2.0 * self.decay * w
+        return float(np.mean((acts[-1] - self.y) ** 2) + np.sum(self.decay * w ** 2)), g
+
+    def hessian(self, w):
+        """v (P,) -> H v (P,), H = d2F/dw2 at w; one forward and backward pass at w, shared by every product."""
+        w = np.array(w, dtype=float)
+        acts = self._forward(w)
+        _, deltas = self._backward(w, acts)
+        last = len(self.layers) - 1
+        masks = [None] + [acts[i] > 0 for i in range(1, last + 1)]  # masks[i] = [z_i > 0] of hidden layer i
+
+        def hvp(v):
+            v = np.asarray(v, dtype=float)
+            r_acts = [None]                                   # R{a_0} = 0
+            for i, (sW, sb, m, n) in enumerate(self.layers):
+                rz = acts[i] @ v[sW].reshape(m, n) + v[sb]
+                if i > 0:
+                    rz += r_acts[i] @ w[sW].reshape(m, n)
+                r_acts.append(rz * masks[i + 1] if i < last else rz)
+            out = np.empty(self.P)
+            r_delta = self.scale * r_acts[-1]
+            for i in range(last, -1, -1):
+                sW, sb, m, n = self.layers[i]
+                gW = acts[i].T @ r_delta
+                if i > 0:
+                    gW += r_acts[i].T @ deltas[i]
+                out[sW] = gW.ravel()
+                out[sb] = r_delta.sum(axis=0)
+                if i > 0:
+                    r_delta = (r_delta @ w[sW].reshape(m, n).T + deltas[i] @ v[sW].reshape(m, n).T) * masks[i]
+            out += 2.0 * self.decay * v
+            return out
+        return hvp
+
+
+def minimise_objective(objective, w0, gtol=MINIMISE_GTOL, max_evals=MINIMISE_MAX_EVALS, desc="minimise"):
+    """w*(lambda): full-batch L-BFGS (scipy L-BFGS-B, hand-written gradient) on objective (an MLPObjective)
+    from the warm start w0 (P,), until max_j |dF/dw_j| < gtol or max_evals evaluations.
+
+    Returns (w (P,), info dict: value, grad_max (at w), grad_max_start (at w0), evaluations, iterations,
+    converged (gtol reached), message)."""
+    import scipy.optimize
+
+    from progress import Progress
+
+    w0 = np.array(w0, dtype=float)
+    start = {}
+    with Progress(total=max_evals, desc=desc, unit="eval") as bar:
+        def fun(w):
+            value, g = objective.value_and_grad(w)
+            check_finite(value, bar.n, f"{desc} objective")
+            start.setdefault("grad_max", float(np.max(np.abs(g))))
+            bar.update(1, F=f"{value:.6g}")
+            return value, g
+
+        result = scipy.optimize.minimize(fun, w0, jac=True, method="L-BFGS-B",
+                                         options=dict(maxiter=max_evals, maxfun=max_evals, gtol=gtol,
+                                                      ftol=MINIMISE_FTOL, maxcor=10))
+    grad_max = float(np.max(np.abs(result.jac)))
+    return result.x, {"value": float(result.fun), "grad_max": grad_max, "grad_max_start": start["grad_max"],
+                      "evaluations": int(result.nfev), "iterations": int(result.nit),
+                      "converged": bool(grad_max < gtol), "message": str(result.message)}
+
+
+class CGResult(NamedTuple):
+    """x (P,) solving (A + damping I) x = b; residual = ||b - (A + damping I) x|| / ||b|| (recurrence);
+    iterations (matrix-vector products); damping used at the end; restarts after negative curvature."""
+
+    x: np.ndarray
+    residual: float
+    iterations: int
+    damping: float
+    restarts: int
+
+
+def conjugate_gradient(matvec, b, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, desc="CG"):
+    """Conjugate gradient on (A + damping I) x = b from x = 0, A symmetric given as matvec(v) -> A v (P,).
+
+    Stops at relative residual below tol or after max_iter products. A is not assumed positive definite: when a
+    search direction p has curvature q = p'(A + mu I)p / p'p <= 0, mu grows by DAMPING_GROWTH |q| + DAMPING_FLOOR
+    and CG restarts from the current x (the recomputed residual costs one product, counted)."""
+    from progress import Progress
+
+    b = np.asarray(b, dtype=float)
+    x, b_norm, mu, restarts, it = np.zeros_like(b), float(np.linalg.norm(b)), float(damping), 0, 0
+    if b_norm == 0.0:
+        return CGResult(x, 0.0, 0, mu, 0)
+    r = b.copy()
+    p, rr = r.copy(), float(r @ r)
+    with Progress(total=max_iter, desc=desc, unit="product") as bar:
+        while it < max_iter and np.sqrt(rr) > tol * b_norm:
+            Ap = matvec(p) + mu * p
+            it += 1
+            pAp = float(p @ Ap)
+            if pAp <= 0.0:  # not positive definite along p: damp more and restart from x
+                mu += DAMPING_GROWTH * abs(pAp) / float(p @ p) + DAMPING_FLOOR
+                restarts += 1
+                if it >= max_iter:
+                    break
+                r = b - (matvec(x) + mu * x)
+                it += 1
+                p, rr = r.copy(), float(r @ r)
+                continue
+            alpha = rr / pAp
+            x += alpha * p
+            r -= alpha * Ap
+            rr_new = float(r @ r)
+            p *= rr_new / rr
+            p += r
+            rr = rr_new
+            bar.update(1, residual=f"{np.sqrt(rr) / b_norm:.2e}")
+    return CGResult(x, float(np.sqrt(rr) / b_norm), it, mu, restarts)
+
+
+def ift_hypergradient(train, valid, w, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, desc="IFT CG"):
+    """dL_V(w*(lambda))/dlambda by implicit differentiation at (near-)converged weights w (P,) of one MLP.
+
+    train: MLPObjective on the training set at lambda (its decays), valid: MLPObjective on the validation set with
+    lam=None (plain MSE). Derivation: at a stationary point dL_T/dw (w*(lambda), lambda) = 0; differentiating in
+    lambda, H dw*/dlambda + d2L_T/dw dlambda = 0, with H = d2L_T/dw2. The penalty exp(lambda_j) w_j^2 has
+    dL_T/dw_j = ... + 2 exp(lambda_j) w_j, so d2L_T/dw_i dlambda_j = 2 exp(lambda_j) w_j [i = j] (diagonal), and
+        dL_V/dlambda = (dw*/dlambda)' dL_V/dw = -2 exp(lambda) * w * (H^{-1} dL_V/dw)   (H symmetric),
+    L_V having no direct dependence on lambda. H^{-1} dL_V/dw by conjugate_gradient (damped on negative curvature).
+
+    Returns dict: hypergradient (P,), valid_loss, train_grad_max (max |dL_T/dw| at w: how stationary w is),
+    cg_iterations, cg_residual (of the damped system, recomputed), cg_residual_undamped (||g - H x|| / ||g||),
+    cg_damping, cg_restarts."""
+    w = np.asarray(w, dtype=float)
+    if train.lam is None or valid.lam is not None:
+        raise ValueError("ift_hypergradient needs the training objective with decays and the plain validation MSE")
+    valid_loss, g_valid = valid.value_and_grad(w)
+    _, g_train = train.value_and_grad(w)
+    hvp = train.hessian(w)
+    cg = conjugate_gradient(hvp, g_valid, tol, max_iter, damping, desc)
+    Hx = hvp(cg.x)
+    g_norm = max(float(np.linalg.norm(g_valid)), np.finfo(float).tiny)
+    return {"hypergradient": -2.0 * train.decay * w * cg.x, "valid_loss": valid_loss,
+            "train_grad_max": float(np.max(np.abs(g_train))), "cg_iterations": cg.iterations,
+            "cg_residual": float(np.linalg.norm(g_valid - Hx - cg.damping * cg.x)) / g_norm,
+            "cg_residual_undamped": float(np.linalg.norm(g_valid - Hx)) / g_norm,
+            "cg_damping": cg.damping, "cg_restarts": cg.restarts}
 
 
 # ------------------------------------------------------------------------------------- split sensitivity

@@ -304,6 +304,161 @@ def test_cosine():
     assert R.cosine([0.0, 0.0], [1.0, 1.0]) == 0.0
 
 
+# --------------------------------------------------------- deeper models: implicit differentiation (SPEC section 9)
+
+MLP = (6, 4, 3)          # tiny MLP: 43 weights and biases, one ReLU layer
+P_MLP = num_params(MLP)
+N_HIDDEN_W = MLP[0] * MLP[1]  # first-layer weights, then its MLP[1] biases
+
+
+def hidden_preactivations(w, x):
+    """z_1 = x W_1 + b_1 (N, 4) of the tiny MLP."""
+    return x @ w[:N_HIDDEN_W].reshape(MLP[0], MLP[1]) + w[N_HIDDEN_W:N_HIDDEN_W + MLP[1]]
+
+
+def teacher_data(rs, teacher, n, margin=0.3, noise=0.05):
+    """n inputs whose hidden pre-activations under the teacher weights are at least margin from 0, targets =
+    teacher output + noise. A ReLU net's minimum often sits on a kink (one unit exactly at 0 on some input), where
+    w*(lambda) is not differentiable; data far from the teacher's kinks gives a smooth minimum near the teacher."""
+    xs = []
+    while len(xs) < n:
+        x = rs.randn(MLP[0])
+        if np.min(np.abs(hidden_preactivations(teacher, x[None]))) > margin:
+            xs.append(x)
+    x = np.array(xs)
+    return x, R.MLPObjective(MLP, x, np.zeros((n, MLP[-1])))._forward(teacher)[-1] + noise * rs.randn(n, MLP[-1])
+
+
+def newton(objective, w, tol=1e-13, max_iter=30):
+    """Dense Newton polish of an L-BFGS minimum (Hessian columns from hessian products): the tight, deterministic
+    convergence that finite differences of L_V(w*(lambda)) need. -> (w, max |gradient|)."""
+    for _ in range(max_iter):
+        g = objective.value_and_grad(w)[1]
+        if np.max(np.abs(g)) < tol:
+            break
+        hvp = objective.hessian(w)
+        w = w - np.linalg.solve(np.array([hvp(e) for e in np.eye(len(w))]), g)
+    return w, float(np.max(np.abs(objective.value_and_grad(w)[1])))
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    """(train x, y, valid x, y, lam (P,), w*(lam) converged to |gradient| < 1e-12). Seed 3: a smooth minimum."""
+    rs = np.random.RandomState(3)
+    teacher = rs.randn(P_MLP)
+    teacher[N_HIDDEN_W:N_HIDDEN_W + MLP[1]] = rs.randn(MLP[1])  # hidden biases of order 1
+    xt, yt = teacher_data(rs, teacher, 40)
+    xv, yv = teacher_data(rs, teacher, 30)
+    lam = rs.uniform(-6.0, -3.0, P_MLP)
+    train = R.MLPObjective(MLP, xt, yt, lam)
+    w, info = R.minimise_objective(train, teacher + 0.05 * rs.randn(P_MLP), gtol=1e-10, max_evals=3000)
+    w, grad_max = newton(train, w)
+    assert grad_max < 1e-12
+    assert np.min(np.abs(hidden_preactivations(w, xt))) > 1e-2  # the precondition: no input on a kink
+    return xt, yt, xv, yv, lam, w
+
+
+def autograd_objective(sizes, lam, x, y):
+    return lambda v: decay_objective(sizes)(v[None, :], lam[None, :], x, y)[0]
+
+
+def autograd_hvp(f, w, v):
+    """Autograd's Hessian-vector product of f at w: d/dw of grad(f)(w) . v."""
+    return grad(lambda u: anp.dot(grad(f)(u), v))(w)
+
+
+def test_mlp_objective_value_gradient_and_hessian_products_equal_autograd(tiny_mlp):
+    xt, yt, _, _, lam, _ = tiny_mlp
+    rs = np.random.RandomState(11)
+    for sizes in (MLP, (6, 5, 4, 3), (6, 3)):  # one, two and no hidden layers
+        Pm = num_params(sizes)
+        lam_s = rs.uniform(-5, -1, Pm)
+        objective, f = R.MLPObjective(sizes, xt, yt, lam_s), autograd_objective(sizes, lam_s, xt, yt)
+        w = 0.5 * rs.randn(Pm)
+        assert objective.value(w) == pytest.approx(f(w), rel=TOL)
+        value, g = objective.value_and_grad(w)
+        assert value == pytest.approx(f(w), rel=TOL)
+        np.testing.assert_allclose(g, grad(f)(w), rtol=TOL, atol=1e-13)
+        hvp = objective.hessian(w)
+        for _ in range(3):
+            v = rs.randn(Pm)
+            expected = autograd_hvp(f, w, v)
+            np.testing.assert_allclose(hvp(v), expected, rtol=TOL, atol=1e-12)
+    plain = R.MLPObjective(MLP, xt, yt)  # lam None: the plain MSE, the validation loss
+    w = rs.randn(P_MLP)
+    assert plain.value(w) == pytest.approx(mse_loss(MLP)(w[None, :], xt, yt)[0], rel=TOL)
+
+
+def test_minimise_objective_reaches_a_stationary_point_from_a_warm_start(tiny_mlp):
+    xt, yt, _, _, lam, w_star = tiny_mlp
+    train = R.MLPObjective(MLP, xt, yt, lam)
+    w, info = R.minimise_objective(train, w_star + 1e-3 * np.random.RandomState(2).randn(P_MLP), gtol=1e-7,
+                                   max_evals=500)
+    assert info["converged"] and info["grad_max"] < 1e-7 < info["grad_max_start"]
+    assert info["value"] == pytest.approx(train.value(w_star), rel=1e-9)
+    np.testing.assert_allclose(w, w_star, atol=1e-4)
+    _, capped = R.minimise_objective(train, w_star + 0.1, gtol=1e-12, max_evals=3)
+    assert capped["evaluations"] <= 4 and not capped["converged"]  # the cap holds (one line-search overshoot)
+
+
+def test_conjugate_gradient_solves_and_damps_negative_curvature():
+    rs = np.random.RandomState(4)
+    Q = np.linalg.qr(rs.randn(12, 12))[0]
+    b = rs.randn(12)
+    spd = Q @ np.diag(np.linspace(0.1, 5.0, 12)) @ Q.T
+    cg = R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=100)
+    np.testing.assert_allclose(cg.x, np.linalg.solve(spd, b), rtol=1e-9)
+    assert cg.residual < 1e-12 and cg.damping == 0.0 and cg.restarts == 0 and cg.iterations <= 13
+    capped = R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=3)
+    assert capped.iterations == 3 and capped.residual > 1e-6
+    indefinite = Q @ np.diag(np.linspace(-1.0, 5.0, 12)) @ Q.T
+    cg = R.conjugate_gradient(lambda v: indefinite @ v, b, tol=1e-10, max_iter=500)
+    assert cg.restarts >= 1 and cg.damping > 1.0  # lifted above the most negative eigenvalue
+    np.testing.assert_allclose(cg.x, np.linalg.solve(indefinite + cg.damping * np.eye(12), b), rtol=1e-7)
+
+
+def test_ift_hypergradient_of_the_linear_model_is_the_exact_one(tiny):
+    splits, ridge, lam = tiny
+    exact, w, _ = R.exact_hypergradient(ridge, lam, splits.valid_x, splits.valid_y)
+    train = R.MLPObjective([D, C], splits.train_x, splits.train_y, lam)
+    ift = R.ift_hypergradient(train, R.MLPObjective([D, C], splits.valid_x, splits.valid_y), w, tol=1e-13,
+                              max_iter=200)
+    np.testing.assert_allclose(ift["hypergradient"], exact, rtol=1e-8, atol=1e-14)
+    assert ift["cg_residual_undamped"] < 1e-12 and ift["cg_damping"] == 0.0 and ift["train_grad_max"] < 1e-12
+
+
+def test_ift_hypergradient_of_an_mlp_equals_finite_differences_of_the_converged_validation_loss(tiny_mlp):
+    """SPEC section 9's finite differences on a tiny model: dL_V(w*(lambda))/dlambda_j by central differences,
+    w*(lambda +- h e_j) re-converged (L-BFGS warm start, Newton polish) for several coordinates of each layer."""
+    xt, yt, xv, yv, lam, w = tiny_mlp
+    valid = R.MLPObjective(MLP, xv, yv)
+    ift = R.ift_hypergradient(R.MLPObjective(MLP, xt, yt, lam), valid, w, tol=1e-13, max_iter=500)
+    assert ift["cg_residual_undamped"] < 1e-10 and ift["cg_restarts"] == 0
+
+    def converged_valid(lm):
+        w_lm, grad_max = newton(R.MLPObjective(MLP, xt, yt, lm), w)
+        assert grad_max < 1e-12
+        return valid.value(w_lm)
+
+    h = 1e-3
+    coords = [0, 5, 20, 27, 30, 42]  # first-layer weights, a hidden bias, output weights, an output bias
+    fd = np.array([(converged_valid(lam + h * e) - converged_valid(lam - h * e)) / (2 * h)
+                   for e in np.eye(P_MLP)[coords]])
+    got = ift["hypergradient"][coords]
+    assert np.min(np.abs(fd)) > 1e-4  # informative coordinates
+    np.testing.assert_allclose(got, fd, rtol=1e-5)
+    # the wrong split (training data as the outer loss) gives another hypergradient: the check above can tell
+    wrong = R.ift_hypergradient(R.MLPObjective(MLP, xt, yt, lam), R.MLPObjective(MLP, xt, yt), w, tol=1e-13,
+                                max_iter=500)["hypergradient"][coords]
+    assert np.max(np.abs(wrong - fd) / np.abs(fd)) > 0.1
+
+
+def test_ift_hypergradient_refuses_swapped_objectives(tiny_mlp):
+    xt, yt, xv, yv, lam, w = tiny_mlp
+    with pytest.raises(ValueError):
+        R.ift_hypergradient(R.MLPObjective(MLP, xv, yv), R.MLPObjective(MLP, xt, yt, lam), w)
+
+
 # ------------------------------------------------------------------------------------ split blocks
 
 def test_block_splits():
