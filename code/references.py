@@ -387,6 +387,29 @@ class MLPObjective:
         g += 2.0 * self.decay * w
         return float(np.mean((acts[-1] - self.y) ** 2) + np.sum(self.decay * w ** 2)), g
 
+    def gauss_newton_diagonal(self, w):
+        """diag of the Gauss-Newton matrix plus the decay, (P,): the Jacobi preconditioner of the Hessian solves.
+
+        MSE = (1/(N C)) sum_{n,c} (z_nc - y_nc)^2 has Gauss-Newton matrix s sum_n J_n' J_n (J_n = dz_n/dw, C x P,
+        s = 2 / (N C)), so diag_j = s sum_{n,c} (dz_nc/dw_j)^2. For W_l[i, k], dz_nc/dW_l[i, k] = a_{l-1,ni} B_c[n, k]
+        with B_c = dz_{.c}/dz_l, back-propagated from the one-hot e_c like delta (B_c <- (B_c W_l') [z_{l-1} > 0]):
+        diag(W_l) = s sum_c (a_{l-1}^2)' B_c^2, diag(b_l) = s sum_c sum_n B_c^2; plus 2 exp(lambda)."""
+        w = np.asarray(w, dtype=float)
+        acts = self._forward(w)
+        squares = [a ** 2 for a in acts[:-1]]
+        out = np.zeros(self.P)
+        for c in range(self.y.shape[1]):
+            B = np.zeros_like(acts[-1])
+            B[:, c] = 1.0
+            for i in range(len(self.layers) - 1, -1, -1):
+                sW, sb, m, n = self.layers[i]
+                B2 = B ** 2
+                out[sW] += (squares[i].T @ B2).ravel()
+                out[sb] += B2.sum(axis=0)
+                if i > 0:
+                    B = (B @ w[sW].reshape(m, n).T) * (acts[i] > 0)
+        return self.scale * out + 2.0 * self.decay
+
     def hessian(self, w):
         """v (P,) -> H v (P,), H = d2F/dw2 at w; one forward and backward pass at w, shared by every product."""
         w = np.array(w, dtype=float)
@@ -450,55 +473,68 @@ def minimise_objective(objective, w0, gtol=MINIMISE_GTOL, max_evals=MINIMISE_MAX
 
 class CGResult(NamedTuple):
     """x (P,) solving (A + damping I) x = b; residual = ||b - (A + damping I) x|| / ||b|| (recurrence);
-    iterations (matrix-vector products); damping used at the end; restarts after negative curvature."""
+    iterations (matrix-vector products); damping used at the end; restarts after negative curvature; x_half: x
+    after half of max_iter products (a convergence check of what x is used for), or None if CG stopped earlier."""
 
     x: np.ndarray
     residual: float
     iterations: int
     damping: float
     restarts: int
+    x_half: np.ndarray = None
 
 
-def conjugate_gradient(matvec, b, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, desc="CG"):
-    """Conjugate gradient on (A + damping I) x = b from x = 0, A symmetric given as matvec(v) -> A v (P,).
+def conjugate_gradient(matvec, b, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, diagonal=None, desc="CG"):
+    """(Preconditioned) conjugate gradient on (A + damping I) x = b from x = 0, A symmetric given as
+    matvec(v) -> A v (P,); diagonal (P,), positive, optional: Jacobi preconditioner M = diag(diagonal + damping).
 
-    Stops at relative residual below tol or after max_iter products. A is not assumed positive definite: when a
-    search direction p has curvature q = p'(A + mu I)p / p'p <= 0, mu grows by DAMPING_GROWTH |q| + DAMPING_FLOOR
-    and CG restarts from the current x (the recomputed residual costs one product, counted)."""
+    Stops at relative residual ||b - (A + mu I) x|| / ||b|| below tol or after max_iter products. A is not assumed
+    positive definite: when a search direction p has curvature q = p'(A + mu I)p / p'p <= 0, mu grows by
+    DAMPING_GROWTH |q| + DAMPING_FLOOR and CG restarts from x = 0 (the product is counted; what was built along
+    the non-positive direction is discarded)."""
     from progress import Progress
 
     b = np.asarray(b, dtype=float)
-    x, b_norm, mu, restarts, it = np.zeros_like(b), float(np.linalg.norm(b)), float(damping), 0, 0
+    b_norm, mu, restarts, it = float(np.linalg.norm(b)), float(damping), 0, 0
+    x = np.zeros_like(b)
     if b_norm == 0.0:
         return CGResult(x, 0.0, 0, mu, 0)
+    x_half = None
+
+    def precondition(r):
+        return r if diagonal is None else r / (diagonal + mu)
+
     r = b.copy()
-    p, rr = r.copy(), float(r @ r)
+    z = precondition(r)
+    p, rz = z.copy(), float(r @ z)
     with Progress(total=max_iter, desc=desc, unit="product") as bar:
-        while it < max_iter and np.sqrt(rr) > tol * b_norm:
+        while it < max_iter and np.linalg.norm(r) > tol * b_norm:
             Ap = matvec(p) + mu * p
             it += 1
             pAp = float(p @ Ap)
-            if pAp <= 0.0:  # not positive definite along p: damp more and restart from x
+            if pAp <= 0.0:  # not positive definite along p: damp more and start again
                 mu += DAMPING_GROWTH * abs(pAp) / float(p @ p) + DAMPING_FLOOR
                 restarts += 1
-                if it >= max_iter:
-                    break
-                r = b - (matvec(x) + mu * x)
-                it += 1
-                p, rr = r.copy(), float(r @ r)
+                x, r = np.zeros_like(b), b.copy()
+                z = precondition(r)
+                p, rz = z.copy(), float(r @ z)
                 continue
-            alpha = rr / pAp
+            alpha = rz / pAp
             x += alpha * p
             r -= alpha * Ap
-            rr_new = float(r @ r)
-            p *= rr_new / rr
-            p += r
-            rr = rr_new
-            bar.update(1, residual=f"{np.sqrt(rr) / b_norm:.2e}")
-    return CGResult(x, float(np.sqrt(rr) / b_norm), it, mu, restarts)
+            z = precondition(r)
+            rz_new = float(r @ z)
+            p *= rz_new / rz
+            p += z
+            rz = rz_new
+            if it == max_iter // 2:
+                x_half = x.copy()
+            bar.update(1, residual=f"{np.linalg.norm(r) / b_norm:.2e}")
+    return CGResult(x, float(np.linalg.norm(r) / b_norm), it, mu, restarts, x_half)
 
 
-def ift_hypergradient(train, valid, w, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, desc="IFT CG"):
+def ift_hypergradient(train, valid, w, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, damping=0.0, precondition=False,
+                      desc="IFT CG"):
     """dL_V(w*(lambda))/dlambda by implicit differentiation at (near-)converged weights w (P,) of one MLP.
 
     train: MLPObjective on the training set at lambda (its decays), valid: MLPObjective on the validation set with
@@ -506,21 +542,26 @@ def ift_hypergradient(train, valid, w, tol=IFT_CG_TOL, max_iter=IFT_CG_ITERS, da
     lambda, H dw*/dlambda + d2L_T/dw dlambda = 0, with H = d2L_T/dw2. The penalty exp(lambda_j) w_j^2 has
     dL_T/dw_j = ... + 2 exp(lambda_j) w_j, so d2L_T/dw_i dlambda_j = 2 exp(lambda_j) w_j [i = j] (diagonal), and
         dL_V/dlambda = (dw*/dlambda)' dL_V/dw = -2 exp(lambda) * w * (H^{-1} dL_V/dw)   (H symmetric),
-    L_V having no direct dependence on lambda. H^{-1} dL_V/dw by conjugate_gradient (damped on negative curvature).
+    L_V having no direct dependence on lambda. H^{-1} dL_V/dw by conjugate_gradient (damped on negative curvature;
+    Jacobi-preconditioned by the Gauss-Newton diagonal if precondition).
 
     Returns dict: hypergradient (P,), valid_loss, train_grad_max (max |dL_T/dw| at w: how stationary w is),
     cg_iterations, cg_residual (of the damped system, recomputed), cg_residual_undamped (||g - H x|| / ||g||),
-    cg_damping, cg_restarts."""
+    cg_damping, cg_restarts, half_cosine (cosine of the hypergradient after half the CG products with the final
+    one: near 1 when the direction has settled even if the residual has not; None if CG stopped before)."""
     w = np.asarray(w, dtype=float)
     if train.lam is None or valid.lam is not None:
         raise ValueError("ift_hypergradient needs the training objective with decays and the plain validation MSE")
     valid_loss, g_valid = valid.value_and_grad(w)
     _, g_train = train.value_and_grad(w)
     hvp = train.hessian(w)
-    cg = conjugate_gradient(hvp, g_valid, tol, max_iter, damping, desc)
+    diagonal = train.gauss_newton_diagonal(w) if precondition else None
+    cg = conjugate_gradient(hvp, g_valid, tol, max_iter, damping, diagonal, desc)
     Hx = hvp(cg.x)
     g_norm = max(float(np.linalg.norm(g_valid)), np.finfo(float).tiny)
-    return {"hypergradient": -2.0 * train.decay * w * cg.x, "valid_loss": valid_loss,
+    mixed = 2.0 * train.decay * w  # d2L_T/dw_j dlambda_j
+    half = None if cg.x_half is None else cosine(-mixed * cg.x_half, -mixed * cg.x)
+    return {"hypergradient": -mixed * cg.x, "valid_loss": valid_loss, "half_cosine": half,
             "train_grad_max": float(np.max(np.abs(g_train))), "cg_iterations": cg.iterations,
             "cg_residual": float(np.linalg.norm(g_valid - Hx - cg.damping * cg.x)) / g_norm,
             "cg_residual_undamped": float(np.linalg.norm(g_valid - Hx)) / g_norm,

@@ -389,6 +389,20 @@ def test_mlp_objective_value_gradient_and_hessian_products_equal_autograd(tiny_m
     assert plain.value(w) == pytest.approx(mse_loss(MLP)(w[None, :], xt, yt)[0], rel=TOL)
 
 
+def test_gauss_newton_diagonal_is_that_of_the_output_jacobian(tiny_mlp):
+    xt, yt, _, _, lam, _ = tiny_mlp
+    rs = np.random.RandomState(12)
+    for sizes in (MLP, (6, 5, 4, 3)):
+        Pm = num_params(sizes)
+        lam_s = rs.uniform(-5, -1, Pm)
+        w = 0.5 * rs.randn(Pm)
+        from neural_network import batched_mlp_predict, unflatten_batch
+        J = jacobian(lambda v, s=sizes: anp.ravel(batched_mlp_predict(unflatten_batch(v[None, :], s), xt)))(w)
+        expected = 2.0 / yt.size * np.sum(J ** 2, axis=0) + 2.0 * np.exp(lam_s)
+        got = R.MLPObjective(sizes, xt, yt, lam_s).gauss_newton_diagonal(w)
+        np.testing.assert_allclose(got, expected, rtol=TOL, atol=1e-14)
+
+
 def test_minimise_objective_reaches_a_stationary_point_from_a_warm_start(tiny_mlp):
     xt, yt, _, _, lam, w_star = tiny_mlp
     train = R.MLPObjective(MLP, xt, yt, lam)
@@ -412,6 +426,11 @@ def test_conjugate_gradient_solves_and_damps_negative_curvature():
     capped = R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=3)
     assert capped.iterations == 3 and capped.residual > 1e-6
     indefinite = Q @ np.diag(np.linspace(-1.0, 5.0, 12)) @ Q.T
+    preconditioned = R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=100, diagonal=np.diag(spd))
+    np.testing.assert_allclose(preconditioned.x, np.linalg.solve(spd, b), rtol=1e-9)
+    eight = R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=8)  # x_half: x after 8 // 2 products
+    np.testing.assert_array_equal(eight.x_half, R.conjugate_gradient(lambda v: spd @ v, b, tol=1e-12, max_iter=4).x)
+    assert cg.x_half is None  # converged in fewer than 100 // 2 products
     cg = R.conjugate_gradient(lambda v: indefinite @ v, b, tol=1e-10, max_iter=500)
     assert cg.restarts >= 1 and cg.damping > 1.0  # lifted above the most negative eigenvalue
     np.testing.assert_allclose(cg.x, np.linalg.solve(indefinite + cg.damping * np.eye(12), b), rtol=1e-7)
