@@ -23,6 +23,7 @@ its clock. Two checks of the ranking follow (issue 10 item 7):
 
     python hypernets_local_medium.py [--seconds 45] [--iters N --search-iters B] [--paper-budgets] [--quick]
 """
+import functools
 import os
 import sys
 import time
@@ -38,16 +39,21 @@ from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
 import common
 import neural_network as nn
+import references as refs
+import scaleout
 import texfmt
 from budget import Budget, BudgetedRun, run_interleaved
 from common import Claim, ExperimentError, UsageError, check_divergence, check_finite, setting, step_rng
 from data_loader import scatter_splits
+from hypernets_local_large import COSINE_ZERO
 from optimizers import adam_init, adam_inplace
 from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, StepStreams, minibatch
+from progress import Progress
 
 NAME = "hypernets_local_medium"
 TEX_PREFIX = "Medium"  # every macro this script exports to the paper starts with it
 DATA = "mnist"
+PARALLEL = True                    # --jobs N processes (or --scheduler: a dask cluster) train the baselines' batches
 LAYER_SIZES = (784, 10)            # the linear elementary model (SPEC section 7)
 N_IN, N_CLASSES = LAYER_SIZES
 N_WEIGHTS = N_IN * N_CLASSES + N_CLASSES  # 7,850 flat weights: W (784, 10) row-major, then b (10,)
@@ -60,9 +66,15 @@ PAPER_SECONDS = 970.0              # the appendix's runtime axis (SPEC section 7
 NLL_SCALE = 50.0                   # Gaussian NLL with sigma 0.1: 50 (pred - t)^2 + const (SPEC section 2)
 
 # Up-front checks (issue 11): a run that cannot make progress or cannot fit in memory is refused.
-FAST_FLOPS = 2e11                  # FLOP/s no core here reaches: a budget shorter than one batch at this rate is hopeless
+FAST_FLOPS = 2e11                  # FLOP/s no core here reaches: a budget shorter than one batch at it is hopeless
 MAX_SLICES = 10 ** 6               # budget / slice_seconds above this: slices too small to make progress
 GP_MAX_OBSERVATIONS = 5000         # memory estimate: the GP's observations at most (kernel matrices)
+
+# The exact best response (scalar root per class, Brent's method on log u): bracket steps and tolerances.
+BRACKET_STEP = 2.0                 # log-u step while bracketing the root (a factor e^2 per step)
+BRENT_XTOL = 1e-15                 # absolute tolerance on log u (machine precision near log u ~ 1)
+BRENT_RTOL = 4 * np.finfo(float).eps  # the smallest relative tolerance brentq accepts
+BRENT_MAXITER = 200                # Brent's method converges in far fewer on this monotone function
 
 # Verdict thresholds (SPEC section 10), in NLL units.
 RANKING_MARGIN = 0.002             # a lead smaller than this is within the spread of one retraining
@@ -116,11 +128,17 @@ class Config:
     # lambda (our choice: 30 epochs, 15 times a baseline evaluation; the validation loss levels off by about
     # 10,000; rescored.*.valid_drift checks it)
     rescore_points: int = setting(20, lo=1)  # evaluations along the common retraining (its convergence record)
+    diag_every: int = setting(5, lo=1)  # hyper-training evaluations between hypergradient diagnostics (our choice:
+    # every 100 lambda steps at --eval-every 20, about 30 checkpoints of ~0.1 CPU s each, off the method clock)
+    backend: str = setting("local", choices=scaleout.BACKENDS)  # where the baselines' batches train: "local"
+    # (this machine, --jobs processes) or "dask" (the cluster at --scheduler); the same bits either way
+    scheduler: str = setting("")  # dask scheduler address, e.g. tcp://host:8786 (implies --backend dask); empty
+    # starts nothing. Workers need code/ on their PYTHONPATH and the same numpy/BLAS
 
 
 QUICK = dict(seconds=1.5, slice_seconds=0.5, elementary_steps=60, random_batch=4, bo_initial=3, bo_batch=2,
              bo_candidates=200, bo_local_candidates=50, eval_every=5, log_every=50, rescore_steps=300,
-             rescore_points=5, n_train=1500, n_valid=500, n_test=500)
+             rescore_points=5, diag_every=1, n_train=1500, n_valid=500, n_test=500)
 
 
 def budget_seconds(config):
@@ -157,6 +175,10 @@ def validate(config):
                          f"{config.bo_local_candidates} candidates")
     if config.paper_budgets and config.seconds != Config.seconds:
         raise UsageError("give --seconds or --paper-budgets, not both")
+    try:
+        scaleout.resolve_backend(config.backend, config.scheduler)
+    except ExperimentError as err:
+        raise UsageError(str(err)) from None
     common.check_memory(memory_estimate(config), "these settings")
     if config.num_iters is None:
         budget = budget_seconds(config)
@@ -234,16 +256,18 @@ def init_weights(config):
     return nn.flatten_params(nn.init_mlp(LAYER_SIZES, config.init_scale, np.random.RandomState(config.seed)))
 
 
-def train_elementary(lams, splits, config, key, steps, step_size, record=()):
+def train_elementary(lams, splits, config, key, steps, step_size, record=(), desc=None):
     """Fresh models at lams (K, 10) trained at once by Adam from init_weights (= K separate runs).
 
     Minibatch i comes from step_rng(seed, i, *key) (drawn through StepStreams: the same numbers). Returns
-    (flat (K, P), valid (R, K), test (R, K)) with the full-set losses after each step count in `record` (R entries)."""
+    (flat (K, P), valid (R, K), test (R, K)) with the full-set losses after each step count in `record` (R entries).
+    With desc, a progress.Progress named desc reports the steps (for the long common retraining)."""
     flat = np.tile(init_weights(config), (len(lams), 1))
     adam, grad, scratch = adam_init(flat), np.empty_like(flat), np.empty(flat.size)
     streams = StepStreams(config.seed)
     start = nll(flat[:1], splits.valid_x, splits.valid_y)[0]
     valid, test, marks = [], [], set(record)
+    bar = Progress(steps, desc=desc or "", unit="step", enabled=desc is not None)
     for i in range(steps):
         x, y = minibatch(splits.train_x, splits.train_y, config.batch_size, streams(i, *key))
         class_decay_grad(flat, lams, x, y, grad)
@@ -253,6 +277,8 @@ def train_elementary(lams, splits, config, key, steps, step_size, record=()):
             valid.append(nll(flat, splits.valid_x, splits.valid_y))
             test.append(nll(flat, splits.test_x, splits.test_y))
             check_divergence(valid[-1], start, i + 1, "elementary validation loss")
+            bar.set(i + 1, valid=f"{valid[-1].min():.4f}")
+    bar.close()
     return flat, np.array(valid).reshape(len(valid), len(lams)), np.array(test).reshape(len(test), len(lams))
 
 
@@ -261,6 +287,47 @@ def evaluate_batch(lams, splits, config, key):
     _, valid, test = train_elementary(lams, splits, config, key, config.elementary_steps,
                                       config.elementary_step_size, record=(config.elementary_steps,))
     return valid[-1], test[-1]
+
+
+def evaluation_chunk(chunk, shared):
+    """scaleout chunk function: chunk = (lams (k, 10), key), shared = {"splits", "config"} -> (valid (k,), test (k,),
+    CPU seconds the training took where it ran)."""
+    lams, key = chunk
+    cpu0 = time.process_time()
+    valid, test = evaluate_batch(lams, shared["splits"], shared["config"], key)
+    return valid, test, time.process_time() - cpu0
+
+
+class Evaluator:
+    """evaluate_batch through a scaleout.ChunkPool: a batch (K, 10) is split into at most pool.workers chunks of
+    consecutive rows, trained where the pool runs them. Each row's training is independent of the rows stacked
+    with it (batched matmul per model, one minibatch stream per batch key), so any split gives the bits of one
+    stacked batch (tests). Returns (valid (K,), test (K,), CPU seconds spent in other processes)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def __call__(self, lams, key):
+        parts = np.array_split(lams, min(self.pool.workers, len(lams)))
+        out = self.pool.map(evaluation_chunk, [(part, key) for part in parts])
+        valid, test = np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
+        return valid, test, (sum(o[2] for o in out) if self.pool.remote else 0.0)
+
+
+class ChargedRun(BudgetedRun):
+    """A BudgetedRun whose method clock also counts the CPU seconds its steps spent in other processes (worker
+    processes or a cluster): step_fn(state, i) -> (state, other CPU seconds). `charged` is their total."""
+
+    def __init__(self, state, step_fn, *args, **kwargs):
+        self.charged = 0.0
+
+        def step(state, i):
+            state, other = step_fn(state, i)
+            self.charged += other
+            self.elapsed += other  # BudgetedRun then adds this process's own CPU time of the step
+            return state
+
+        super().__init__(state, step, *args, **kwargs)
 
 
 def uniform_lambdas(n, config, rs):
@@ -272,6 +339,157 @@ def init_losses(splits, config):
     """Validation and test loss of the untrained initial model (what every baseline holds at time 0)."""
     w = init_weights(config)[None]
     return float(nll(w, splits.valid_x, splits.valid_y)[0]), float(nll(w, splits.test_x, splits.test_y)[0])
+
+
+# --------------------------------------------------------- exact references (issue 10 item 2)
+#
+# The training objective decouples per class c: with mu_c = exp(lambda_c) / 10 and w_c = [W[:, c], b_c],
+#     F_c = (5/N) ||X W_c + b_c - t_c||^2 + mu_c ||W_c||          (NLL = (50 / (N C)) sum ||.||^2 + const, C = 10;
+# the bias is not regularised, as in class_decay_objective). Minimising over b_c gives b_c = tbar_c - xbar' W_c,
+# leaving (5/N) ||Xc W_c - tc_c||^2 + mu_c ||W_c|| with the centred Xc = X - 1 xbar', tc_c = t_c - tbar_c. Its
+# gradient A W_c - r_c + mu_c W_c / s_c (A = (10/N) Xc'Xc = Q diag(L) Q', r_c = (10/N) Xc' tc_c, s_c = ||W_c||) is
+# zero at W_c = Q (L + u_c)^-1 z_c with z_c = Q' r_c and u_c = mu_c / s_c, where u_c solves the scalar equation
+#     h(u) = || u (L + u)^-1 z_c || = mu_c        (h rises from 0 to ||z_c||: a root iff mu_c < ||r_c||, else W_c = 0).
+# Implicit differentiation: the reduced Hessian is A + (mu/s)(I - What What') (What = W/s; the Schur complement of
+# the full 785 x 785 Hessian in the bias), d(grad_W F)/d lambda_c = mu_c What, and the validation gradient seen
+# through b_c = tbar_c - xbar' W_c is gh_c = g_W[:, c] - xbar g_b[c]. In the eigenbasis (a = Q' What, bb = Q' gh,
+# D = L + u) the Hessian is D - u a a', and Sherman-Morrison with 1 - u a' D^-1 a = sum a^2 L / D gives
+#     dL_V/d lambda_c = -mu_c What' H^-1 gh_c = -mu_c (sum a bb / D) / (sum a^2 L / D).
+
+class ClassProblem(NamedTuple):
+    """The per-class training problem with the bias eliminated (see above): eigenvalues L (784,) and vectors
+    Q (784, 784) of A, z = Q' r (784, 10), the training means xbar (784,) and tbar (10,)."""
+
+    L: np.ndarray
+    Q: np.ndarray
+    z: np.ndarray
+    xbar: np.ndarray
+    tbar: np.ndarray
+
+
+class BestResponse(NamedTuple):
+    """w*(lambda): flat weights (1, P), u = mu / ||W_c|| (10,) (inf where W_c = 0), the lambda it is for (10,)."""
+
+    flat: np.ndarray
+    u: np.ndarray
+    lam: np.ndarray
+
+
+def class_problem(x, y):
+    """ClassProblem of training data x (N, 784), y (N, 10): one Gram (syrk) and one 784 x 784 eigendecomposition."""
+    from scipy.linalg import blas, eigh
+
+    N = len(x)
+    xbar, tbar = x.mean(axis=0), y.mean(axis=0)
+    gram = blas.dsyrk(1.0, np.asarray(x, np.float64).T, trans=0)  # upper triangle of x'x (x.T is Fortran-ordered)
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    A = (2.0 * NLL_SCALE / (N * N_CLASSES)) * (gram - N * np.outer(xbar, xbar))
+    L, Q = eigh(A)
+    r = (2.0 * NLL_SCALE / (N * N_CLASSES)) * (x.T @ (y - tbar))  # Xc' tc = X' (t - tbar)
+    return ClassProblem(np.maximum(L, 0.0), Q, Q.T @ r, xbar, tbar)
+
+
+def decay_weights(lam):
+    """mu_c = exp(lambda_c) / 10, the weight of ||W[:, c]|| in the objective: (10,) -> (10,)."""
+    return np.exp(np.asarray(lam, float)) / N_CLASSES
+
+
+def best_response(problem, lam):
+    """BestResponse at lam (10,): each class's u_c from h(u) = mu_c by Brent's method on log u (to machine
+    precision), then W_c = Q (L + u_c)^-1 z_c and b_c = tbar_c - xbar' W_c."""
+    from scipy.optimize import brentq
+
+    lam = np.asarray(lam, float)
+    mu, L = decay_weights(lam), problem.L
+    W, u = np.zeros((N_IN, N_CLASSES)), np.full(N_CLASSES, np.inf)
+    for c in range(N_CLASSES):
+        z = problem.z[:, c]
+        if mu[c] >= np.linalg.norm(z):  # the norm's subgradient holds W_c at 0 (group-lasso threshold)
+            continue
+        def excess(t, z=z, m=mu[c]):
+            v = np.exp(t)
+            return np.log(np.linalg.norm(v * z / (L + v))) - np.log(m)
+        lo = hi = np.log(mu[c])
+        while excess(lo) > 0:
+            lo -= BRACKET_STEP
+        while excess(hi) < 0:
+            hi += BRACKET_STEP
+        u[c] = np.exp(brentq(excess, lo, hi, xtol=BRENT_XTOL, rtol=BRENT_RTOL, maxiter=BRENT_MAXITER))
+        W[:, c] = problem.Q @ (z / (L + u[c]))
+    b = problem.tbar - problem.xbar @ W
+    return BestResponse(np.concatenate([W.ravel(), b])[None, :], u, lam)
+
+
+def reduced_gradient(problem, g_flat):
+    """The validation gradient (1, P) seen by W through b = tbar - xbar' W, in the eigenbasis: Q' gh (784, 10)."""
+    gW, gb = split_weights(g_flat)
+    return problem.Q.T @ (gW[0] - np.outer(problem.xbar, gb[0]))
+
+
+def exact_hypergradient(problem, response, g_flat):
+    """dL_V/dlambda (10,) at response = w*(lambda), g_flat (1, P) = dL_V/dw there (implicit differentiation, see
+    above; 0 for a class whose W_c is held at 0)."""
+    W, _ = split_weights(response.flat)
+    s = np.linalg.norm(W[0], axis=0)
+    live = s > 0
+    a = problem.Q.T @ (W[0][:, live] / s[live])
+    bb = reduced_gradient(problem, g_flat)[:, live]
+    D = problem.L[:, None] + response.u[None, live]
+    out = np.zeros(N_CLASSES)
+    out[live] = -decay_weights(response.lam)[live] * np.sum(a * bb / D, axis=0) / np.sum(a * a * problem.L[:, None] / D,
+                                                                                         axis=0)
+    return out
+
+
+def adjoint(problem, response, g_flat):
+    """y = H^-1 g (1, P): the full (weights and biases) Hessian of the training objective at w*, solved against
+    g_flat (1, P); exact_hypergradient is -(d grad_w F / d lambda)' y. For the tests (autograd checks H y = g)."""
+    W, _ = split_weights(response.flat)
+    gW, gb = split_weights(g_flat)
+    s = np.linalg.norm(W[0], axis=0)
+    live = s > 0  # a class held at W_c = 0 has no Hessian there; its rows of y are left 0
+    a = problem.Q.T @ (W[0][:, live] / s[live])
+    bb = reduced_gradient(problem, g_flat)[:, live]
+    D = problem.L[:, None] + response.u[None, live]
+    # (D - u a a')^-1 bb = bb / D + u (a / D) (a' bb / D) / (1 - u a' a / D), with 1 - u a'a/D = sum a^2 L / D
+    coef = response.u[live] * np.sum(a * bb / D, axis=0) / np.sum(a * a * problem.L[:, None] / D, axis=0)
+    yW = np.zeros((N_IN, N_CLASSES))
+    yW[:, live] = problem.Q @ (bb / D + coef * a / D)
+    yb = np.where(live, gb[0] / (2.0 * NLL_SCALE / N_CLASSES) - problem.xbar @ yW, 0.0)  # the bias rows
+    return np.concatenate([yW.ravel(), yb])[None, :]
+
+
+def reference_losses(problem, lam, splits):
+    """Validation and test NLL of the converged weights w*(lam): the level training at lam reaches."""
+    w = best_response(problem, lam).flat
+    return float(nll(w, splits.valid_x, splits.valid_y)[0]), float(nll(w, splits.test_x, splits.test_y)[0])
+
+
+class HyperDiagnostics:
+    """Hyper-training's hypergradient against the exact one, at checkpoints (off its clock): rows of (lambda step,
+    ||lambda_hat - lambda_hat_0||, cosine of H dL_V/dw at w_phi(lambda_hat) with the exact dL_V/dlambda at
+    w*(lambda_hat), both on the full validation set, and the exact L_V(w*(lambda_hat)))."""
+
+    def __init__(self, problem, splits, lam0):
+        self.problem, self.splits, self.lam0, self.rows = problem, splits, np.asarray(lam0, float), []
+        self.g, self.cpu_seconds = np.empty((1, N_WEIGHTS)), 0.0
+
+    def record(self, state):
+        if self.rows and self.rows[-1][0] == state.step:
+            return
+        cpu0, s = time.process_time(), self.splits
+        response = best_response(self.problem, state.lam)
+        exact = exact_hypergradient(self.problem, response, nll_grad(response.flat, s.valid_x, s.valid_y, self.g))
+        w = (state.lam @ state.H + state.h)[None, :]  # w_phi(lambda_hat)
+        method = state.H @ nll_grad(w, s.valid_x, s.valid_y, self.g)[0]  # what the lambda_hat step follows
+        self.rows.append((state.step, float(np.linalg.norm(state.lam - self.lam0)), refs.cosine(method, exact),
+                          float(nll(response.flat, s.valid_x, s.valid_y)[0])))
+        self.cpu_seconds += time.process_time() - cpu0
+
+    def arrays(self):
+        rows = np.array(self.rows, float).reshape(-1, 4)
+        return {"hypernet_diag_step": rows[:, 0].astype(np.int64), "hypernet_lambda_shift": rows[:, 1],
+                "hypernet_cosine": rows[:, 2], "hypernet_exact_valid": rows[:, 3]}
 
 
 # ------------------------------------------------------------------------------ hyper-training
@@ -343,12 +561,15 @@ class HyperTrainer:
         return HyperState(state.H, state.h, state.lam, adam_H, adam_h, adam_lam, state.step + 1)
 
 
-def make_hypernet(splits, config, lambda_log):
-    """(initial state, step_fn, evaluate) of hyper-training; evaluate appends lambda_hat to lambda_log."""
+def make_hypernet(splits, config, lambda_log, diag=None):
+    """(initial state, step_fn, evaluate) of hyper-training; evaluate appends lambda_hat to lambda_log and, every
+    diag_every evaluations, records a HyperDiagnostics row (off the clock, as every evaluation)."""
     trainer, start = HyperTrainer(splits, config), init_losses(splits, config)[0]
 
     def evaluate(state):
         lambda_log.append(state.lam.copy())
+        if diag is not None and (len(lambda_log) - 1) % config.diag_every == 0:
+            diag.record(state)
         w = trainer.weights(state, state.lam[None, :], np.empty((1, N_WEIGHTS)))
         valid = float(nll(w, splits.valid_x, splits.valid_y)[0])
         check_divergence(valid, start, state.step, "hyper-training validation loss")
@@ -405,18 +626,21 @@ def empty_search():
     return SearchState(np.zeros((0, N_CLASSES)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=int))
 
 
-def make_search(splits, config, propose, stream):
-    """(initial state, step_fn, evaluate) of a gradient-free method; step i trains the batch propose(state, i).
+def make_search(splits, config, propose, stream, evaluator=None):
+    """(initial state, step_fn, evaluate) of a gradient-free method; step i trains the batch propose(state, i)
+    through evaluator (an Evaluator; default inline) and returns (state, CPU seconds spent elsewhere) (ChargedRun).
 
     evaluate returns the best validation loss so far and the test loss at that setting (the initial model's
     losses before the first evaluation); it only reads the state, no computation."""
     start = init_losses(splits, config)
+    if evaluator is None:
+        evaluator = Evaluator(scaleout.ChunkPool({"splits": splits, "config": config}))
 
     def step_fn(state, i):
         lams = propose(state, i)
-        valid, test = evaluate_batch(lams, splits, config, (stream, i))
+        valid, test, other = evaluator(lams, (stream, i))
         return SearchState(np.vstack([state.lambdas, lams]), np.append(state.valid, valid),
-                           np.append(state.test, test), np.append(state.batch, np.full(len(lams), i)))
+                           np.append(state.test, test), np.append(state.batch, np.full(len(lams), i))), other
 
     def evaluate(state):
         if len(state.valid) == 0 or state.valid.min() >= start[0]:
@@ -519,26 +743,61 @@ def rescore(lams, splits, config):
     same minibatches (stream STREAM_RESCORE) -> (record steps (R,), valid (R, M), test (R, M))."""
     marks = np.unique(np.linspace(0, config.rescore_steps, config.rescore_points + 1).round().astype(int)[1:])
     _, valid, test = train_elementary(lams, splits, config, (STREAM_RESCORE,), config.rescore_steps,
-                                      config.elementary_step_size, record=tuple(marks))
+                                      config.elementary_step_size, record=tuple(marks), desc="common retraining")
     return marks, valid, test
 
 
-def run(config, data, log=print):
-    """The three methods (interleaved, each on its own clock), the control, the common retraining -> (summary,
-    arrays)."""
+def evaluation_pool(splits, config, jobs, log=print):
+    """The scaleout.ChunkPool the baselines' batches train in: inline (--jobs 1), --jobs forked processes (capped at
+    the CPUs and the largest batch; forked.ForkedWorkers), or the dask cluster at --scheduler (the splits sent once
+    per worker)."""
+    backend, pool = scaleout.resolve_backend(config.backend, config.scheduler), None
+    if backend == "dask":
+        log(f"baseline batches on the dask cluster at {config.scheduler}")
+    elif jobs > 1:
+        import forked
+
+        largest = max(config.random_batch, config.bo_initial, config.bo_batch)
+        capped = max(1, min(jobs, forked.available_cpus(), largest))
+        if capped < jobs:
+            print(f"note: --jobs {jobs} capped at {capped} ({forked.available_cpus()} CPUs, batches of at most "
+                  f"{largest})", file=sys.stderr)
+        jobs = capped
+        pool = functools.partial(forked.ForkedWorkers, role="evaluation worker", describe=lambda t: f"chunk {t.index}")
+    return scaleout.ChunkPool({"splits": splits, "config": config}, backend, config.scheduler, jobs, pool)
+
+
+def run(config, data, jobs=1, log=print):
+    """The three methods (interleaved, each on its own clock; the baselines' batches through --jobs / --scheduler),
+    the control, the common retraining and the exact diagnostics -> (summary, arrays)."""
     splits = scatter_splits(data, config.n_train, config.n_valid, config.n_test)
+    cpu0 = time.process_time()
+    problem = class_problem(splits.train_x, splits.train_y)  # the exact references' one-off set-up
+    diag = HyperDiagnostics(problem, splits, np.full(N_CLASSES, float(config.lambda_init)))
+    diag.cpu_seconds += time.process_time() - cpu0
+    with evaluation_pool(splits, config, jobs, log) as pool:
+        summary, arrays, runs = run_methods(splits, config, diag, Evaluator(pool), log)
+    control_and_rescore(splits, config, summary, arrays, log)
+    diagnose(problem, diag, splits, config, summary, arrays, runs["hypernet"])
+    return summary, arrays
+
+
+def run_methods(splits, config, diag, evaluator, log):
+    """The three methods, interleaved, each on its own clock -> (summary, arrays, BudgetedRuns)."""
     budget = None if config.num_iters is not None else budget_seconds(config)
     hyper_lambdas = []
-    factories = dict(hypernet=lambda: make_hypernet(splits, config, hyper_lambdas),
-                     random=lambda: make_search(splits, config, propose_random(config), STREAM_RANDOM),
-                     bayesopt=lambda: make_search(splits, config, propose_bayesopt(config), STREAM_BO))
+    factories = dict(hypernet=lambda: make_hypernet(splits, config, hyper_lambdas, diag),
+                     random=lambda: make_search(splits, config, propose_random(config), STREAM_RANDOM, evaluator),
+                     bayesopt=lambda: make_search(splits, config, propose_bayesopt(config), STREAM_BO, evaluator))
     runs = {}
     for method in METHODS:
         state, step_fn, evaluate = factories[method]()
-        runs[method] = BudgetedRun(state, step_fn, evaluate, make_budget(config, method), method, log)
+        kind = BudgetedRun if method == "hypernet" else ChargedRun
+        runs[method] = kind(state, step_fn, evaluate, make_budget(config, method), method, log)
     curves = dict(zip(METHODS, run_interleaved(list(runs.values()), config.slice_seconds), strict=True))
     summary = dict(budget_seconds=budget, n_hyperparameters=N_CLASSES,
-                   hypernet_parameters=nn.num_params([N_CLASSES, N_WEIGHTS]), methods={})
+                   hypernet_parameters=nn.num_params([N_CLASSES, N_WEIGHTS]), methods={},
+                   workers=max(1, evaluator.pool.workers), backend=evaluator.pool.backend)
     arrays = {}
     for method in METHODS:
         curve, keep = curves[method], within_budget(curves[method], budget)
@@ -552,7 +811,8 @@ def run(config, data, log=print):
             arrays["hypernet_lambda_hat"] = lams
             lambda_steps = int(curve.step[keep][-1])
             plateau = plateau_points(curve.seconds[keep])
-            entry.update(best_lambda=lams[int(np.argmin(curve.valid[keep]))].tolist(), final_lambda_hat=lams[-1].tolist(),
+            entry.update(best_lambda=lams[int(np.argmin(curve.valid[keep]))].tolist(),
+                         final_lambda_hat=lams[-1].tolist(),
                          final_valid=float(curve.valid[keep][-1]), final_test=float(curve.test[keep][-1]),
                          plateau_valid=float(curve.valid[keep][plateau].mean()),
                          plateau_test=float(curve.test[keep][plateau].mean()),
@@ -564,7 +824,8 @@ def run(config, data, log=print):
             finish = curve.seconds[np.searchsorted(curve.step, state.batch[counted] + 1)]
             arrays.update({f"{method}_lambdas": state.lambdas[counted], f"{method}_eval_valid": state.valid[counted],
                            f"{method}_eval_test": state.test[counted], f"{method}_eval_seconds": finish})
-            entry.update(evaluations=int(counted.sum()), batches=int(curve.step[keep][-1]))
+            entry.update(evaluations=int(counted.sum()), batches=int(curve.step[keep][-1]),
+                         worker_cpu_seconds=float(runs[method].charged))
             if not counted.any():
                 raise ExperimentError(f"{LABELS[method].lower()} finished no evaluation within the budget of "
                                       f"{budget:g} CPU s; raise --seconds")
@@ -572,6 +833,13 @@ def run(config, data, log=print):
         summary["methods"][method] = entry
         log(f"{method:>10s} done: {entry['evaluations']} evaluations, best valid {entry['best_valid']:.4f}, "
             f"test there {entry['test_at_best']:.4f} ({entry['runtime_seconds']:.1f} CPU s)")
+    arrays["hypernet_step"] = curves["hypernet"].step[within_budget(curves["hypernet"], budget)]
+    return summary, arrays, runs
+
+
+def control_and_rescore(splits, config, summary, arrays, log):
+    """The control (plain training at lambda_hat_0 for the hypernetwork's Adam steps) and the common retraining
+    of every method's best lambda and of lambda_hat_0; adds summary["control"], ["rescored"] and their arrays."""
 
     # The control: plain training at lambda_hat_0 for the hypernetwork's number of Adam steps.
     control_steps = summary["methods"]["hypernet"]["hypernet_steps"]
@@ -598,7 +866,8 @@ def run(config, data, log=print):
     # The converged level: the mean over the records of the retraining's second half (the rows share their
     # minibatches, so their minibatch noise is common; the mean removes most of it). drift: last quarter's mean
     # minus third quarter's (about 0 once converged).
-    half, third = marks > config.rescore_steps / 2, (marks > config.rescore_steps / 2) & (marks <= 0.75 * config.rescore_steps)
+    half = marks > config.rescore_steps / 2
+    third = half & (marks <= 0.75 * config.rescore_steps)
     last = marks > 0.75 * config.rescore_steps
     summary["rescored"] = {m: dict(valid=float(valid[half, k].mean()), test=float(test[half, k].mean()),
                                    final_valid=float(valid[-1, k]), final_test=float(test[-1, k]),
@@ -607,7 +876,49 @@ def run(config, data, log=print):
                            for k, m in enumerate(RESCORED)}
     summary["rescore_steps"] = config.rescore_steps
     log("common retraining: " + ", ".join(f"{m} {summary['rescored'][m]['valid']:.4f}" for m in RESCORED))
-    return summary, arrays
+
+
+def diagnose(problem, diag, splits, config, summary, arrays, hyper_run):
+    """Issue 10 item 2: the cosines of hyper-training's hypergradient with the exact one at its checkpoints within
+    the budget, how far lambda_hat moved (each class), the fixed-lambda reference (w*(lambda_hat_0), converged
+    exactly) and every method's best lambda scored at w*(lambda) (an exact common retraining). Adds
+    summary["diagnostics"], ["reference"], ["exact"] and arrays hypernet_diag_* / hypernet_cosine / ..."""
+    cpu0 = time.process_time()
+    d = diag.arrays()
+    kept = d["hypernet_diag_step"] <= arrays["hypernet_step"][-1]  # checkpoints within the budget
+    d = {k: v[kept] for k, v in d.items()}
+    curve = hyper_run.curve()
+    d["hypernet_diag_seconds"] = curve.seconds[np.searchsorted(curve.step, d["hypernet_diag_step"])]
+    arrays.update(d)
+    trained = d["hypernet_diag_step"] > 0  # at step 0 the hypernetwork is its random init: its direction is noise
+    cos = d["hypernet_cosine"][trained] if trained.any() else d["hypernet_cosine"]
+    lam0 = np.full(N_CLASSES, float(config.lambda_init))
+    final = np.array(summary["methods"]["hypernet"]["final_lambda_hat"])
+    delta = final - lam0
+    arrays["hypernet_lambda_delta"] = delta
+    ref_valid, ref_test = reference_losses(problem, lam0, splits)
+    response0 = best_response(problem, lam0)
+    stationarity = float(np.max(np.abs(class_decay_grad(response0.flat, lam0[None, :], splits.train_x,
+                                                        splits.train_y, np.empty((1, N_WEIGHTS))))))
+    exact = {}
+    for m in RESCORED:
+        lam = lam0 if m == "control" else np.array(summary["methods"][m]["best_lambda"])
+        valid, test = reference_losses(problem, lam, splits)
+        exact[m] = dict(valid=valid, test=test)
+    final_valid = reference_losses(problem, final, splits)[0]
+    r, c = summary["rescored"], summary["control"]
+    summary["reference"] = dict(lambda_hat=float(config.lambda_init), valid=ref_valid, test=ref_test,
+                                stationarity=stationarity,
+                                rescored_control_gap=r["control"]["valid"] - ref_valid,
+                                control_plateau_gap=c["plateau_valid"] - ref_valid)
+    summary["exact"] = exact
+    summary["diagnostics"] = dict(
+        cosine=dict(mean=float(np.mean(cos)), final=float(d["hypernet_cosine"][-1]), min=float(np.min(cos)),
+                    max=float(np.max(cos)), checkpoints=int(len(cos))),
+        lambda_shift=dict(l2=float(np.linalg.norm(delta)), per_class=delta.tolist(),
+                          max_abs=float(np.max(np.abs(delta)))),
+        exact_valid_final=final_valid, exact_gain=ref_valid - final_valid,
+        cpu_seconds=diag.cpu_seconds + time.process_time() - cpu0)
 
 
 # ---------------------------------------------------------------------------------------- claims
@@ -630,6 +941,13 @@ def tuning_gain(summary):
     return r["control"]["valid"] - r["hypernet"]["valid"]
 
 
+def verdict_cosine(summary):
+    """The mean cosine of hyper-training's hypergradient with the exact one (checkpoints after step 0): reproduced
+    when it is at least COSINE_ZERO (hypernets_local_large's rule), else refuted (uninformative or uphill)."""
+    c = summary["diagnostics"]["cosine"]["mean"]
+    return c, "reproduced" if c >= COSINE_ZERO else "refuted"
+
+
 def verdict_figure(summary):
     lead = figure_lead(summary)
     if lead <= 0:
@@ -646,19 +964,27 @@ CLAIMS = [
     Claim(id="medium-beats-bo-random",
           claim="Hyper-training finds better per-class decays than BO and random search (best lambdas retrained alike)",
           paper="hypernet valid 0.485 vs BO 0.592",
-          evaluate=lambda s: (rescored_lead(s), "reproduced" if rescored_lead(s) > RANKING_MARGIN else "not reproduced"),
+          evaluate=lambda s: (rescored_lead(s),
+                              "reproduced" if rescored_lead(s) > RANKING_MARGIN else "not reproduced"),
           fmt="{:.4f}", evidence="rescored.*.valid; hypernets_local_medium_rescored.pdf"),
     Claim(id="medium-tunes-lambda",
           claim="Hyper-training's lambda beats the untuned starting lambda when both are retrained alike",
           paper="implied (the hypernetwork curve is hyper-training tuning lambda)",
           evaluate=lambda s: (tuning_gain(s), "reproduced" if tuning_gain(s) > RANKING_MARGIN else "refuted"),
-          fmt="{:.4f}", evidence="rescored.hypernet.valid, rescored.control.valid; hypernets_local_medium_rescored.pdf"),
+          fmt="{:.4f}",
+          evidence="rescored.hypernet.valid, rescored.control.valid; hypernets_local_medium_rescored.pdf"),
+    Claim(id="medium-hg-direction",
+          claim="Hyper-training's lambda step points along the exact hypergradient of the 10 per-class decays",
+          paper="implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (appendix, right)",
+          evaluate=verdict_cosine, fmt="{:+.3f}",
+          evidence="diagnostics.cosine.mean (exact: implicit differentiation); hypernets_local_medium_diagnostics.pdf"),
 ]
 
 
 def tex_numbers(summary):
     """Numbers the paper text quotes from this experiment (macro name -> LaTeX)."""
     m, r, c = summary["methods"], summary["rescored"], summary["control"]
+    d, ref = summary["diagnostics"], summary["reference"]
     out = {
         "MediumBudget": texfmt.seconds(summary["budget_seconds"]) if summary["budget_seconds"] is not None
         else texfmt.integer(m["hypernet"]["lambda_steps"]),
@@ -679,10 +1005,21 @@ def tex_numbers(summary):
         "MediumControlValid": texfmt.nll(c["plateau_valid"]),
         "MediumControlTest": texfmt.nll(c["plateau_test"]),
         "MediumRescoreSteps": texfmt.integer(summary["rescore_steps"]),
+        "MediumCosineMean": texfmt.fixed(d["cosine"]["mean"], 3),
+        "MediumCosineFinal": texfmt.fixed(d["cosine"]["final"], 3),
+        "MediumCosineCheckpoints": texfmt.integer(d["cosine"]["checkpoints"]),
+        "MediumLambdaShift": texfmt.significant(d["lambda_shift"]["l2"]),
+        "MediumLambdaShiftMax": texfmt.significant(d["lambda_shift"]["max_abs"]),
+        "MediumExactGain": texfmt.significant(d["exact_gain"]),
+        "MediumReferenceValid": texfmt.nll(ref["valid"]),
+        "MediumReferenceTest": texfmt.nll(ref["test"]),
+        "MediumDiagnosticsSeconds": texfmt.seconds(d["cpu_seconds"]),
     }
     for key, word in (("hypernet", "Hyper"), ("random", "Random"), ("bayesopt", "Bayes"), ("control", "Control")):
         out[f"MediumRescored{word}Valid"] = texfmt.nll(r[key]["valid"])
         out[f"MediumRescored{word}Test"] = texfmt.nll(r[key]["test"])
+        out[f"MediumExact{word}Valid"] = texfmt.nll(summary["exact"][key]["valid"])
+        out[f"MediumExact{word}Test"] = texfmt.nll(summary["exact"][key]["test"])
     return out
 
 
@@ -695,8 +1032,15 @@ def report(summary):
               f"({steps}, {m[method]['runtime_seconds']:.0f} CPU s); retrained: valid {r[method]['valid']:.4f} "
               f"test {r[method]['test']:.4f}")
     c = summary["control"]
-    print(f"   control: lambda_hat_0 trained {c['steps']} steps: valid {c['plateau_valid']:.4f} test {c['plateau_test']:.4f}; "
-          f"retrained: valid {r['control']['valid']:.4f} test {r['control']['test']:.4f}")
+    print(f"   control: lambda_hat_0 trained {c['steps']} steps: valid {c['plateau_valid']:.4f} "
+          f"test {c['plateau_test']:.4f}; retrained: valid {r['control']['valid']:.4f} test {r['control']['test']:.4f}")
+    d, ref = summary["diagnostics"], summary["reference"]
+    print(f"diagnostics: cosine with the exact hypergradient mean {d['cosine']['mean']:+.3f} (final "
+          f"{d['cosine']['final']:+.3f}, {d['cosine']['checkpoints']} checkpoints); ||lambda_hat - lambda_hat_0|| "
+          f"{d['lambda_shift']['l2']:.3g} (max class {d['lambda_shift']['max_abs']:.3g}); fixed-lambda_hat_0 reference "
+          f"valid {ref['valid']:.4f} test {ref['test']:.4f}; exact gain of lambda_hat {d['exact_gain']:+.5f}; "
+          f"{d['cpu_seconds']:.1f} CPU s")
+    print("exact (w*(best lambda)): " + ", ".join(f"{m} {summary['exact'][m]['valid']:.4f}" for m in RESCORED))
 
 
 # ------------------------------------------------------------------------------------------ plot
@@ -705,6 +1049,7 @@ VALID_COLOUR, TEST_COLOUR = "red", "green"   # the published figure: red = valid
 STYLES = {"hypernet": dict(linestyle="-", linewidth=1.0), "random": dict(linestyle="--", linewidth=1.2),
           "bayesopt": dict(linestyle=":", linewidth=1.5), "control": dict(linestyle="-.", linewidth=0.6)}
 PUBLISHED_YLIM = (0.45, 0.9)                 # the appendix figure's y range
+REFERENCE_WIDTH = 0.5                        # the fixed-lambda reference's thin lines
 
 
 def plot(summary, arrays, out_dir):
@@ -733,6 +1078,12 @@ def plot(summary, arrays, out_dir):
                         **STYLES[method])
             else:
                 ax.plot(t, values, color=colour, **STYLES[method])
+    ref = summary["reference"]  # the fixed-lambda_hat_0 reference: thin labelled lines at its converged levels
+    for key, colour in (("valid", VALID_COLOUR), ("test", TEST_COLOUR)):
+        ax.axhline(ref[key], color=colour, linewidth=REFERENCE_WIDTH, alpha=0.8)
+        finals.append(ref[key])
+    ax.text(0.99 * end, ref["valid"], r"fixed $\hat\lambda_0$, converged", color=VALID_COLOUR, ha="right",
+            va="bottom", fontsize=12)
     low, high = min(finals), max(finals)
     if PUBLISHED_YLIM[0] <= low and high <= PUBLISHED_YLIM[1] * 0.8:
         ax.set_ylim(*PUBLISHED_YLIM)
@@ -752,7 +1103,7 @@ def plot(summary, arrays, out_dir):
     fig.tight_layout()
     paths = save_figure(fig, NAME, out_dir)
     close(fig)
-    return paths + plot_rescored(summary, out_dir)
+    return paths + plot_rescored(summary, out_dir) + plot_diagnostics(summary, arrays, out_dir)
 
 
 def plot_rescored(summary, out_dir):
@@ -784,6 +1135,71 @@ def plot_rescored(summary, out_dir):
     paths = save_figure(fig, f"{NAME}_rescored", out_dir)
     close(fig)
     return paths
+
+
+def plot_diagnostics(summary, arrays, out_dir):
+    """Companion figure (issue 10 item 2): (a) cosine of hyper-training's hypergradient with the exact one,
+    (b) ||lambda_hat - lambda_hat_0|| and the exact L_V(w*(lambda_hat)), (c) each class's lambda_hat_c - lambda_hat_0
+    at the end and every method's best lambda, (d) the exact levels L_V(w*(lambda)) of each method's best lambda
+    beside the common retraining's, with the fixed-lambda_hat_0 reference."""
+    import matplotlib.pyplot as plt
+
+    from plotting import finish_figure, set_paper_style
+
+    set_paper_style(font_size=13)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    d, ref = summary["diagnostics"], summary["reference"]
+    t = arrays["hypernet_diag_seconds"]
+    ax = axes[0, 0]
+    ax.plot(t, arrays["hypernet_cosine"], "o-", ms=3, color="C3",
+            label=f"hyper-training (mean {d['cosine']['mean']:+.3f})")
+    for level in (COSINE_ZERO, -COSINE_ZERO):
+        ax.axhline(level, color="0.6", linewidth=0.6, linestyle=":")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel("CPU seconds")
+    ax.set_ylabel("cosine with exact hypergradient")
+    ax.set_title(r"(a) $H\,\partial L_V/\partial w$ vs implicit differentiation (10 decays)", fontsize=13)
+    ax.legend(frameon=False, fontsize=11, loc="lower right")
+    ax = axes[0, 1]
+    ax.plot(t, arrays["hypernet_lambda_shift"], "o-", ms=3, color="C3")
+    ax.set_xlabel("CPU seconds")
+    ax.set_ylabel(r"$\|\hat\lambda - \hat\lambda_0\|_2$", color="C3")
+    twin = ax.twinx()
+    twin.plot(t, arrays["hypernet_exact_valid"], "s--", ms=3, color="0.3")
+    twin.axhline(ref["valid"], color=VALID_COLOUR, linewidth=REFERENCE_WIDTH)
+    twin.set_ylabel(r"exact $L_V(w^*(\hat\lambda))$ (red: at $\hat\lambda_0$)", color="0.3")
+    ax.set_title(r"(b) how far $\hat\lambda$ moved, and what it is worth", fontsize=13)
+    ax = axes[1, 0]
+    x = np.arange(N_CLASSES)
+    lam0 = ref["lambda_hat"]
+    ax.bar(x, arrays["hypernet_lambda_delta"], 0.6, color="C3", label=r"hyper-training: final $\hat\lambda_c$")
+    for m, marker in (("random", "v"), ("bayesopt", "^")):
+        ax.plot(x, np.array(summary["methods"][m]["best_lambda"]) - lam0, marker, color="k", linestyle="none",
+                label=f"{LABELS[m]}: best $\\lambda_c$")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_xticks(x)
+    ax.set_xlabel("class c")
+    ax.set_ylabel(r"$\lambda_c - \hat\lambda_0$")
+    ax.set_title(f"(c) per-class change (hyper-training: max |.| {d['lambda_shift']['max_abs']:.2g})", fontsize=13)
+    ax.legend(frameon=False, fontsize=10)
+    ax = axes[1, 1]
+    r, e = summary["rescored"], summary["exact"]
+    pos = np.arange(len(RESCORED))
+    ax.bar(pos - 0.2, [e[m]["valid"] for m in RESCORED], 0.4, color=VALID_COLOUR, label=r"exact $L_V(w^*(\lambda))$")
+    ax.bar(pos + 0.2, [r[m]["valid"] for m in RESCORED], 0.4, color="0.6", label="common retraining (Adam)")
+    ax.axhline(ref["valid"], color=VALID_COLOUR, linewidth=REFERENCE_WIDTH)
+    values = [e[m]["valid"] for m in RESCORED] + [r[m]["valid"] for m in RESCORED]
+    low, high = min(values), max(values)
+    ax.set_ylim(low - 0.5 * (high - low + 0.005), high + 0.5 * (high - low + 0.005))
+    ax.set_xticks(pos, [LABELS[m] for m in RESCORED], fontsize=10)
+    ax.set_ylabel(r"validation loss $\mathcal{L}$")
+    ax.set_title(r"(d) each method's best $\lambda$: exact level and retrained", fontsize=13)
+    ax.legend(frameon=False, fontsize=10, loc="upper right")
+    for a in axes.ravel():
+        for side in ("top", "right"):
+            a.spines[side].set_visible(False)
+    return finish_figure(fig, f"{NAME}_diagnostics", out_dir)
 
 
 if __name__ == "__main__":

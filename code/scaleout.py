@@ -1,6 +1,8 @@
 """Run independent chunks of work here (inline or in a local process pool) or on a dask.distributed cluster.
 
     results = map_chunks(fn, chunks, shared, backend="dask", scheduler="tcp://host:8786")
+    with ChunkPool(shared, backend, scheduler, jobs, pool) as chunks:   # many map calls, one set-up
+        for step in ...: results = chunks.map(fn, step_chunks)
 
 fn(chunk, shared) -> result must be a module-level function (pickled by reference), depend only on its chunk
 (its own seed stream) and `shared` (a dict of read-only arrays), and give the same bits with one BLAS thread
@@ -12,6 +14,9 @@ identity with a local run, the same CPU family (BLAS kernels are chosen per CPU)
 No generator returns are used (joblib's Ray backend rejects return_as="generator"): results are gathered in
 waves of WAVE_PER_WORKER tasks per worker, and on_result reports each wave in chunk order.
 """
+import contextlib
+from typing import NamedTuple
+
 from common import ExperimentError
 
 BACKENDS = ("local", "dask")
@@ -125,40 +130,130 @@ def _map_local(fn, chunks, shared, jobs, pool, on_result):
     return results
 
 
-def _map_dask(fn, chunks, shared, scheduler, on_result):
-    """Every chunk on the dask cluster at `scheduler`, through joblib's Dask backend; shared sent once per worker."""
-    import joblib
+class _Task(NamedTuple):
+    """One chunk sent to a persistent local worker: its index, the chunk function and the chunk."""
 
-    client = connect(scheduler)
-    try:
-        n_workers = wait_for_workers(client, scheduler)
-        check_imports(client, scheduler, sorted({"scaleout", "common"} | ({fn.__module__} - {"__main__"})))
-        results = []
-        with joblib.parallel_config(backend="dask", client=client, scatter=[shared]):
-            with joblib.Parallel(n_jobs=-1, return_as="list", batch_size=1, pre_dispatch="all") as parallel:
-                for start, wave in _waves(chunks, n_workers * WAVE_PER_WORKER):
-                    out = parallel(joblib.delayed(run_chunk)(fn, chunk, shared, start + k)
-                                   for k, chunk in enumerate(wave))
-                    for k, result in enumerate(out):
-                        results.append(result)
-                        if on_result is not None:
-                            on_result(start + k, result)
+    index: int
+    fn: object
+    chunk: object
+
+
+class ChunkPool:
+    """map_chunks for many calls with one set-up (e.g. one batch of evaluations per step of a budgeted loop).
+
+        with ChunkPool(shared, backend, scheduler, jobs, pool) as chunks:
+            results = chunks.map(fn, chunk_list)        # as often as needed
+
+    backend "dask" (implied by a scheduler address): one client on that cluster, `shared` scattered once to every
+    worker for all map calls. backend "local": inline for jobs == 1, else pool(jobs, work) started once (e.g.
+    forked.ForkedWorkers: the workers inherit `shared` through fork; each task carries its chunk function and
+    chunk, pickled). `workers` is the number of chunks worth running at once; `remote` is False when chunks run
+    inline in this process (their CPU time is then in this process's own clock)."""
+
+    def __init__(self, shared, backend="local", scheduler=None, jobs=1, pool=None):
+        self.shared, self.backend = shared, resolve_backend(backend, scheduler)
+        self.scheduler, self.jobs, self.pool = scheduler, jobs, pool
+        self.workers, self.remote = 1, False
+        self._stack, self._client, self._parallel, self._local = None, None, None, None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        try:
+            if self.backend == "dask":
+                with _dask_errors(self.scheduler):
+                    self._open_dask()
+            elif self.jobs > 1:
+                if self.pool is None:
+                    raise ExperimentError("the local backend with jobs > 1 needs a process pool")
+                self._local = self._stack.enter_context(self.pool(self.jobs, self._work))
+                self.workers, self.remote = self.jobs, True
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._stack.close()
+        return False
+
+    def _work(self, task):
+        """Local worker side: one _Task."""
+        return run_chunk(task.fn, task.chunk, self.shared, task.index)
+
+    def _open_dask(self):
+        import joblib
+
+        client = connect(self.scheduler)
+        self._stack.callback(_close_client, client)
+        self.workers, self.remote = wait_for_workers(client, self.scheduler), True
+        self._client = client
+        self._modules = {"scaleout", "common"}
+        self._stack.enter_context(joblib.parallel_config(backend="dask", client=client, scatter=[self.shared]))
+        self._parallel = self._stack.enter_context(joblib.Parallel(n_jobs=-1, return_as="list", batch_size=1,
+                                                                   pre_dispatch="all"))
+
+    def map(self, fn, chunks, on_result=None):
+        """[fn(chunk, shared) for chunk in chunks], each with one BLAS thread, in chunk order; on_result(index,
+        result) as results arrive."""
+        chunks = list(chunks)
+        if self._parallel is not None:
+            return self._map_dask(fn, chunks, on_result)
+        if self._local is None:
+            return _map_local(fn, chunks, self.shared, 1, None, on_result)
+        results = [None] * len(chunks)
+        for task, result in self._local.run([_Task(i, fn, chunk) for i, chunk in enumerate(chunks)]):
+            results[task.index] = result
+            if on_result is not None:
+                on_result(task.index, result)
         return results
-    except ExperimentError:
-        raise
-    except (OSError, TimeoutError) as err:
-        raise ExperimentError(f"lost the dask scheduler at {scheduler} ({type(err).__name__}: {err})") from None
-    except Exception as err:  # noqa: BLE001  KilledWorker, CancelledError, ...: one line
-        if type(err).__name__ in ("KilledWorker", "CancelledError", "CommClosedError"):
+
+    def _map_dask(self, fn, chunks, on_result):
+        import joblib
+
+        with _dask_errors(self.scheduler):
+            modules = {fn.__module__} - {"__main__"} - self._modules
+            if modules:  # checked once per module (a cluster without code/ would otherwise hang)
+                check_imports(self._client, self.scheduler, sorted(self._modules | modules))
+                self._modules |= modules
+            results = []
+            for start, wave in _waves(chunks, self.workers * WAVE_PER_WORKER):
+                out = self._parallel(joblib.delayed(run_chunk)(fn, chunk, self.shared, start + k)
+                                     for k, chunk in enumerate(wave))
+                for k, result in enumerate(out):
+                    results.append(result)
+                    if on_result is not None:
+                        on_result(start + k, result)
+            return results
+
+
+def _close_client(client):
+    """Cancel whatever is still running on the cluster and close the client (the scheduler may be gone)."""
+    try:
+        client.cancel(list(client.futures.values()), force=True) if client.futures else None
+    except Exception:  # noqa: BLE001  the scheduler may be gone already
+        pass
+    client.close(timeout=CONNECT_TIMEOUT_SECONDS)
+
+
+class _dask_errors:
+    """Context manager: a lost scheduler or worker becomes one ExperimentError line."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or isinstance(err, ExperimentError) or not isinstance(err, Exception):
+            return False
+        scheduler = self.scheduler
+        if isinstance(err, (OSError, TimeoutError)):
+            raise ExperimentError(f"lost the dask scheduler at {scheduler} ({type(err).__name__}: {err})") from None
+        if type(err).__name__ in ("KilledWorker", "CancelledError", "CommClosedError"):  # one line
             raise ExperimentError(f"a dask worker at {scheduler} died or was lost ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''})") from None
-        raise
-    finally:  # any exception, KeyboardInterrupt and common.Terminated (SIGTERM) included
-        try:
-            client.cancel(list(client.futures.values()), force=True) if client.futures else None
-        except Exception:  # noqa: BLE001  the scheduler may be gone already
-            pass
-        client.close(timeout=CONNECT_TIMEOUT_SECONDS)
+        return False
 
 
 def map_chunks(fn, chunks, shared, backend="local", scheduler=None, jobs=1, pool=None, on_result=None):
@@ -168,8 +263,8 @@ def map_chunks(fn, chunks, shared, backend="local", scheduler=None, jobs=1, pool
     backend "dask" (implied by a scheduler address): on that dask.distributed cluster. on_result(index, result)
     is called as results arrive (for progress bars)."""
     chunks = list(chunks)
-    backend = resolve_backend(backend, scheduler)
-    if backend == "dask":
-        return _map_dask(fn, chunks, shared, scheduler, on_result)
+    if resolve_backend(backend, scheduler) == "dask":
+        with ChunkPool(shared, "dask", scheduler) as pool_:
+            return pool_.map(fn, chunks, on_result)
     return _map_local(fn, chunks, shared, jobs, pool, on_result)
 

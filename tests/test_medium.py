@@ -191,7 +191,8 @@ def test_claims_follow_the_numbers():
     assert claims["medium-beats-bo-random"].evaluate(tuned)[1] == "reproduced"
     assert claims["medium-figure"].evaluate(tuned)[1] == "reproduced"
     assert claims["medium-figure"].evaluate(summary_with(0.45, 0.49, 0.48, 0.5, (0.59, 0.6, 0.6)))[1] == "partly"
-    assert claims["medium-figure"].evaluate(summary_with(0.45, 0.49, 0.48, 0.5, (0.61, 0.6, 0.6)))[1] == "not reproduced"
+    behind = summary_with(0.45, 0.49, 0.48, 0.5, (0.61, 0.6, 0.6))
+    assert claims["medium-figure"].evaluate(behind)[1] == "not reproduced"
 
 
 def test_end_to_end_quick_run_with_control_retraining_and_replot(tmp_path, capsys):
@@ -207,7 +208,8 @@ def test_end_to_end_quick_run_with_control_retraining_and_replot(tmp_path, capsy
             assert summary["methods"][method]["best_valid"] == pytest.approx(best[-1])
         assert summary["methods"]["random"]["evaluations"] == len(npz["random_eval_valid"]) > 0
         # the control: lambda_hat_0, as many Adam steps as the hypernetwork took
-        assert summary["control"]["steps"] == summary["methods"]["hypernet"]["hypernet_steps"] == npz["control_step"][-1]
+        steps = summary["methods"]["hypernet"]["hypernet_steps"]
+        assert summary["control"]["steps"] == steps == npz["control_step"][-1]
         # the common retraining: one row per method and the control, the same steps for all
         assert npz["rescore_valid"].shape == (TINY.rescore_points, len(med.RESCORED))
         assert npz["rescore_steps"][-1] == TINY.rescore_steps
@@ -218,8 +220,17 @@ def test_end_to_end_quick_run_with_control_retraining_and_replot(tmp_path, capsy
             best = npz[f"{method}_lambdas"][np.argmin(npz[f"{method}_eval_valid"])]
             np.testing.assert_array_equal(summary["methods"][method]["best_lambda"], best)
     assert "common retraining" in out or "retrained" in out
-    for stem in ("hypernets_local_medium", "hypernets_local_medium_rescored"):
+    for stem in ("hypernets_local_medium", "hypernets_local_medium_rescored", "hypernets_local_medium_diagnostics"):
         assert (tmp_path / f"{stem}.pdf").exists()
+    d, ref = summary["diagnostics"], summary["reference"]
+    assert -1 <= d["cosine"]["mean"] <= 1 and d["cosine"]["checkpoints"] >= 2 and d["cpu_seconds"] > 0
+    assert len(d["lambda_shift"]["per_class"]) == 10 and ref["stationarity"] < 1e-10
+    assert summary["exact"]["control"]["valid"] == ref["valid"] < summary["rescored"]["control"]["valid"]
+    with np.load(tmp_path / "results" / "hypernets_local_medium.npz") as npz:
+        steps = npz["hypernet_diag_step"]
+        assert steps[0] == 0 and np.all(np.diff(steps) > 0) and steps[-1] <= npz["hypernet_step"][-1]
+        assert np.all(np.abs(npz["hypernet_cosine"]) <= 1)
+        np.testing.assert_allclose(np.linalg.norm(npz["hypernet_lambda_delta"]), d["lambda_shift"]["l2"])
     png = tmp_path / "hypernets_local_medium.png"
     assert png.stat().st_size > 10000
     png.unlink()
@@ -232,7 +243,8 @@ def test_iters_runs_are_bit_reproducible(tmp_path, capsys):
     keys = ("methods", "control", "rescored")
     results = []
     for i in range(2):
-        code, _, err = run(capsys, "--quick", "--iters", "6", "--search-iters", "2", "--out-dir", str(tmp_path / str(i)))
+        code, _, err = run(capsys, "--quick", "--iters", "6", "--search-iters", "2",
+                           "--out-dir", str(tmp_path / str(i)))
         assert code == 0, err
         summary = json.loads((tmp_path / str(i) / "results" / "hypernets_local_medium.json").read_text())
         for method in med.METHODS:
@@ -281,3 +293,180 @@ def test_quick_run_on_real_mnist_improves_on_the_initial_model(mnist):
     for method in med.METHODS:
         assert arrays[f"{method}_best_valid"][0] == pytest.approx(start, rel=1e-3)  # untrained model
         assert summary["methods"][method]["best_valid"] < start
+
+
+# ------------------------------------------------------------------ exact references and diagnostics (issue 10)
+
+LAM_EXACT = np.array([-2.0, -1.0, -0.5, 0.0, 0.3, 0.6, 1.0, -1.5, 8.0, 0.1])  # class 8: decay strong enough for W_8 = 0
+
+
+@pytest.fixture(scope="module")
+def exact(splits):
+    problem = med.class_problem(splits.train_x, splits.train_y)
+    response = med.best_response(problem, LAM_EXACT)
+    g = med.nll_grad(response.flat, splits.valid_x, splits.valid_y, np.empty((1, med.N_WEIGHTS)))
+    return problem, response, g
+
+
+def exact_valid(problem, lam, splits):
+    return med.nll(med.best_response(problem, lam).flat, splits.valid_x, splits.valid_y)[0]
+
+
+def test_best_response_is_the_exact_minimiser_of_the_scripts_objective(splits, exact):
+    problem, response, _ = exact
+    x, y = splits.train_x, splits.train_y
+    objective = lambda f: med.class_decay_objective(f, LAM_EXACT[None, :], x, y)[0]
+    live = np.ones(med.N_WEIGHTS, bool)
+    W, _ = med.split_weights(response.flat)
+    assert np.all(W[0][:, 8] == 0) and np.all(np.linalg.norm(W[0], axis=0)[np.arange(10) != 8] > 0)
+    live[:7840] = np.tile(np.arange(10) != 8, 784)  # the norm is not differentiable at W_8 = 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # autograd's norm derivative at W_8 = 0 is nan (unused)
+        g = grad(objective)(response.flat)
+    assert np.max(np.abs(g[0, live])) < 1e-11  # autograd: stationary wherever differentiable
+    # W_8 = 0 is optimal: the data gradient there is inside the norm's subdifferential ball of radius mu_8
+    data = grad(lambda f: med.nll_reference(f, x, y)[0])(response.flat)[0, :7840].reshape(784, 10)
+    assert np.linalg.norm(data[:, 8]) < med.decay_weights(LAM_EXACT)[8]
+    rs = np.random.RandomState(5)
+    f0 = objective(response.flat)
+    for _ in range(3):  # and every nearby point is worse
+        assert objective(response.flat + 1e-4 * rs.randn(*response.flat.shape)) > f0
+
+
+def test_exact_hypergradient_equals_central_finite_differences_of_the_converged_loss(splits, exact):
+    problem, response, g = exact
+    hg = med.exact_hypergradient(problem, response, g)
+    h, fd = 1e-4, np.zeros(10)
+    for c in range(10):
+        e = np.zeros(10)
+        e[c] = h
+        fd[c] = (exact_valid(problem, LAM_EXACT + e, splits) - exact_valid(problem, LAM_EXACT - e, splits)) / (2 * h)
+    assert hg[8] == 0 and abs(fd[8]) < 1e-12  # W_8 stays at 0 around lambda_8 = 8
+    assert np.min(np.abs(fd[np.arange(10) != 8])) > 1e-6  # a test with teeth: the other classes move L_V
+    np.testing.assert_allclose(hg, fd, rtol=1e-6, atol=1e-11)
+
+
+def test_exact_hypergradient_equals_autograd_implicit_differentiation(splits, exact):
+    """-(d grad_w F / d lambda)' H^-1 g in the full weight space (biases included), every derivative by autograd:
+    the adjoint solves H y = g (autograd Hessian-vector product), and the mixed derivative is autograd's."""
+    problem, response, g = exact
+    x, y = splits.train_x, splits.train_y
+    w, lam = response.flat, LAM_EXACT[None, :]
+    v = med.adjoint(problem, response, g)
+    keep = np.ones(med.N_WEIGHTS, bool)
+    keep[np.arange(8, 7840, 10)] = False  # class 8: W_8 = 0, outside the differentiable part
+    keep[7848] = False
+    v[0, ~keep] = 0.0
+    grad_w = grad(lambda f, decays: med.class_decay_objective(f, decays, x, y)[0])
+    with np.errstate(invalid="ignore", divide="ignore"):  # autograd's norm derivative at W_8 = 0 is nan (unused)
+        Hv = grad(lambda f: anp.sum(grad_w(f, lam) * v))(w)
+        hg = -grad(lambda decays: anp.sum(grad_w(w, decays) * v))(lam)[0]
+    np.testing.assert_allclose(Hv[0, keep], g[0, keep], rtol=1e-8, atol=1e-12)
+    live = np.arange(10) != 8
+    np.testing.assert_allclose(med.exact_hypergradient(problem, response, g)[live], hg[live], rtol=1e-8, atol=1e-14)
+
+
+def tangent_hypernet(problem, lam, config, h=1e-5):
+    """A HyperState whose hypernetwork is the exact best response's tangent at lam: H = dw*/dlambda (central
+    differences), h = w*(lam) - lam H. Its hypergradient H dL_V/dw is then the exact one."""
+    rows = []
+    for c in range(10):
+        e = np.zeros(10)
+        e[c] = h
+        up, down = med.best_response(problem, lam + e).flat[0], med.best_response(problem, lam - e).flat[0]
+        rows.append((up - down) / (2 * h))
+    H = np.array(rows)
+    state = med.init_hypernet(config)
+    return state._replace(H=H, h=med.best_response(problem, lam).flat[0] - lam @ H, lam=lam.copy(), step=1)
+
+
+def test_diagnostics_give_cosine_one_for_the_exact_tangent_and_minus_one_for_its_reverse(splits):
+    problem = med.class_problem(splits.train_x, splits.train_y)
+    lam = np.linspace(-1.0, 0.5, 10)
+    diag = med.HyperDiagnostics(problem, splits, np.zeros(10))
+    state = tangent_hypernet(problem, lam, TINY)
+    diag.record(state)
+    diag.record(state._replace(H=-state.H, h=state.h + 2 * lam @ state.H, step=2))  # the same w_phi(lam), reversed
+    out = diag.arrays()
+    np.testing.assert_allclose(out["hypernet_cosine"], [1.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(out["hypernet_lambda_shift"], np.linalg.norm(lam))
+    np.testing.assert_allclose(out["hypernet_exact_valid"], exact_valid(problem, lam, splits))
+    assert diag.cpu_seconds > 0
+
+
+def test_diagnostics_direction_is_the_hypernetworks_lambda_gradient_by_autograd(splits):
+    """What the cosine measures is d/dlambda L_V(lambda H + h) at lambda_hat on the full validation set."""
+    state = med.init_hypernet(TINY)
+    rs = np.random.RandomState(4)
+    state = state._replace(H=rs.randn(10, med.N_WEIGHTS) * 1e-3, h=rs.randn(med.N_WEIGHTS) * 1e-2,
+                           lam=rs.randn(10), step=1)
+    expected = grad(lambda decays: med.nll_reference((decays @ state.H + state.h)[None, :], splits.valid_x,
+                                                     splits.valid_y)[0])(state.lam)
+    w = (state.lam @ state.H + state.h)[None, :]
+    ours = state.H @ med.nll_grad(w, splits.valid_x, splits.valid_y, np.empty((1, med.N_WEIGHTS)))[0]
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-15)
+    problem = med.class_problem(splits.train_x, splits.train_y)
+    diag = med.HyperDiagnostics(problem, splits, np.zeros(10))
+    diag.record(state)
+    response = med.best_response(problem, state.lam)
+    exact = med.exact_hypergradient(problem, response, med.nll_grad(response.flat, splits.valid_x, splits.valid_y,
+                                                                    np.empty((1, med.N_WEIGHTS))))
+    assert diag.rows[0][2] == pytest.approx(ours @ exact / np.linalg.norm(ours) / np.linalg.norm(exact), abs=1e-12)
+
+
+def test_cosine_claim_follows_the_mean_cosine():
+    claim = {c.id: c for c in med.CLAIMS}["medium-hg-direction"]
+    verdict = lambda c: claim.evaluate({"diagnostics": {"cosine": {"mean": c}}})[1]
+    assert verdict(0.6) == "reproduced" and verdict(med.COSINE_ZERO) == "reproduced"
+    assert verdict(0.05) == verdict(-0.05) == verdict(-0.7) == "refuted"
+
+
+# ------------------------------------------------------------------------ batches across workers (issue 12)
+
+def test_a_batch_split_across_chunks_gives_the_bits_of_one_stacked_batch(splits):
+    lams = np.random.RandomState(2).uniform(-3, 3, (10, 10))
+    config = dataclasses.replace(TINY, elementary_steps=25)
+    valid, test = med.evaluate_batch(lams, splits, config, (med.STREAM_RANDOM, 3))
+    for parts in ([5, 5], [3, 4, 3], [1] * 10):
+        bounds = np.cumsum([0] + parts)
+        out = [med.evaluation_chunk((lams[a:b], (med.STREAM_RANDOM, 3)), {"splits": splits, "config": config})
+               for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        assert np.concatenate([o[0] for o in out]).tobytes() == valid.tobytes()
+        assert np.concatenate([o[1] for o in out]).tobytes() == test.tobytes()
+        assert all(o[2] > 0 for o in out)  # each chunk reports the CPU seconds it took
+
+
+def test_charged_run_counts_the_workers_cpu_seconds():
+    from budget import Budget
+
+    run = med.ChargedRun(0, lambda state, i: (state + 1, 2.5), lambda state: (1.0, 1.0), Budget(seconds=6.0),
+                         "charged", log=None)
+    run.advance()
+    assert run.i == 3 and run.charged == 7.5 and 7.5 <= run.elapsed < 8.0  # 2.5 per step: the budget of 6 s stops it
+
+
+def test_jobs_2_gives_the_bits_of_jobs_1_and_charges_the_workers(tmp_path, capsys):
+    results = {}
+    for jobs in ("1", "2"):
+        code, _, err = run(capsys, "--quick", "--iters", "4", "--search-iters", "2", "--jobs", jobs,
+                           "--out-dir", str(tmp_path / jobs))
+        assert code == 0, err
+        results[jobs] = json.loads((tmp_path / jobs / "results" / "hypernets_local_medium.json").read_text())
+    for method in ("random", "bayesopt"):
+        a, b = results["1"]["methods"][method], results["2"]["methods"][method]
+        assert a["worker_cpu_seconds"] == 0 and b["worker_cpu_seconds"] > 0
+        for key in ("best_valid", "test_at_best", "best_lambda", "evaluations"):
+            assert a[key] == b[key]
+    assert results["2"]["workers"] == min(2, common_cpus())
+    for key in ("rescored", "exact", "diagnostics"):
+        results["1"][key].pop("cpu_seconds", None), results["2"][key].pop("cpu_seconds", None)
+        assert results["1"][key] == results["2"][key]
+    for jobs in ("1", "2"):
+        with np.load(tmp_path / jobs / "results" / "hypernets_local_medium.npz") as npz:
+            results[jobs]["random_eval_valid"] = npz["random_eval_valid"].tobytes()
+    assert results["1"]["random_eval_valid"] == results["2"]["random_eval_valid"]
+
+
+def common_cpus():
+    import forked
+
+    return forked.available_cpus()

@@ -187,3 +187,40 @@ def test_cluster_without_the_code_is_one_line_not_a_hang(cluster):
             scaleout.check_imports(client, cluster.scheduler_address, ["scaleout", "no_such_module"])
     finally:
         client.close()
+
+
+MEDIUM_ARGS = ("--synthetic", "--quick", "--iters", "3", "--search-iters", "2", "--rescore-steps", "50")
+
+
+def medium_results(out_dir):
+    """The random-search and BO evaluations of a medium run: summary entries and the per-evaluation arrays' bytes."""
+    import json
+
+    summary = json.loads((out_dir / "results" / "hypernets_local_medium.json").read_text())
+    with np.load(out_dir / "results" / "hypernets_local_medium.npz") as npz:
+        arrays = {k: npz[k].tobytes() for k in npz.files
+                  if k.startswith(("random_", "bayesopt_")) and "seconds" not in k}
+    return summary, arrays
+
+
+def test_medium_baseline_batches_on_the_cluster_are_bit_identical_to_jobs_1(cluster, tmp_path, capsys):
+    """hypernets_local_medium --scheduler: random search's and BO's batches train on the 2 workers (split across
+    them), with the same bits as --jobs 1 and the workers' CPU seconds on the methods' clocks."""
+    import common
+    import hypernets_local_medium as med
+
+    runs = {}
+    for name, extra in (("local", ()), ("dask", ("--scheduler", cluster.scheduler_address))):
+        code = common.main(med, [*MEDIUM_ARGS, "--out-dir", str(tmp_path / name), *extra])
+        assert code == 0, capsys.readouterr().err
+        runs[name] = medium_results(tmp_path / name)
+    (local, local_arrays), (dask, dask_arrays) = runs["local"], runs["dask"]
+    assert dask["backend"] == "dask" and dask["workers"] == 2 and local["workers"] == 1
+    assert sorted(dask_arrays) == sorted(local_arrays) and "random_eval_valid" in dask_arrays
+    assert dask_arrays == local_arrays  # every evaluation's lambdas, validation and test loss, bit for bit
+    for method in ("random", "bayesopt"):
+        a, b = dict(local["methods"][method]), dict(dask["methods"][method])
+        assert a.pop("worker_cpu_seconds") == 0 and b.pop("worker_cpu_seconds") > 0
+        a.pop("runtime_seconds"), b.pop("runtime_seconds")
+        assert a == b
+    assert local["rescored"] == dask["rescored"]  # the best lambdas, retrained alike
