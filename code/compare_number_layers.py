@@ -3,8 +3,8 @@
 For the 784-10, 784-100-10 and 784-100-100-10 MLPs (7,850 / 79,510 / 89,610 hyperparameters: one decay
 exp(lambda_j) w_j^2 per weight and bias), hyper-training by Algorithm 3 with a factorised linear
 hypernetwork P -> 10 -> P (per_weight_decay.alg3_step), each model under its own budget of CPU seconds
-(extended to --min-steps hyperparameter steps on a slow machine), recording validation and test MSE against its runtime (evaluations are not on the clock). Beside it, with the
-same Adam step size for every method (issue 10 item 6):
+(extended to --min-steps hyperparameter steps on a slow machine), recording validation and test MSE against its
+runtime (evaluations are not on the clock). Beside it, with the same Adam step size for every method (issue 10 item 6):
 
 * the control: plain training at lambda_hat_0 (every decay at init_lambda, never tuned) from the same start
   weights, on the hypernetwork's minibatches, for as many Adam steps as the hypernetwork took; if
@@ -14,7 +14,19 @@ same Adam step size for every method (issue 10 item 6):
   models by Adam stopped when the validation MSE has not improved for --search-patience evaluations (the rule
   of references.train_to_convergence; the grid is trained as one stacked problem); picked by validation MSE.
 
-    python compare_number_layers.py [--seconds 10,40,32] [--min-steps 480,280,190] [--iters N] [--paper-budgets] [--quick]
+Diagnostics (issue 10 item 2; off the method clock), for each model at --diag-checkpoints states of hyper-training
+(the start, the end and evenly spaced ones between): the cosine between the hypernetwork's hypergradient
+J_phi' dL_V/dw (full validation set: the expectation of the lambda step's minibatch gradient;
+references.hypernet_hypergradient) and the true one, dL_V(w*(lambda_hat))/dlambda. For 784-10 the true one is
+exact (closed form, SPEC section 9); for the deeper models it is implicit differentiation
+(references.ift_hypergradient: -2 exp(lambda) w * H^{-1} dL_V/dw, CG with Hessian-vector products, full batch)
+at w*(lambda_hat) from full-batch L-BFGS warm-started at the grid's converged weights at lambda_hat_0 (capped:
+the CG residual, the half-way direction check and max |dL_T/dw| are recorded). Beside them ||lambda_hat -
+lambda_hat_0|| (rms, max, quantiles over the weights) and the fixed-lambda reference (converged plain training at
+lambda_hat_0, from the grid). Drawn in compare_number_layers_diagnostics, one column per model.
+
+    python compare_number_layers.py [--seconds 10,40,32] [--min-steps 480,280,190] [--iters N] [--paper-budgets]
+                                    [--quick]
 """
 import dataclasses
 import os
@@ -25,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import common
+import hypernets_local_large as large
 import references
 import texfmt
 from budget import Budget, BudgetedRun
@@ -39,6 +52,7 @@ from per_weight_decay import (
     MLPBackprop,
     StepStreams,
     alg3_step,
+    copy_state,
     current_weights,
     decay_objective,
     fan_in_init,
@@ -46,6 +60,7 @@ from per_weight_decay import (
     init_alg3,
     mse_loss,
 )
+from progress import Progress
 
 NAME = "compare_number_layers"
 TEX_PREFIX = "Layers"  # every macro this script exports to the paper starts with it
@@ -107,11 +122,26 @@ class Config:
     search_patience: int = setting(5, lo=1)  # checks without a new best validation MSE before a model stops
     search_max_steps: int = setting(20000, lo=1, aliases=("--search-steps",))  # cap of the stopping rule
     # (references.CONVERGE_MAX_STEPS); a model stopped by it is reported as not converged
+    diag_checkpoints: int = setting(2, lo=2)  # hyper-training states diagnosed per model: the start, the end and
+    # evenly spaced ones between (at fractions of --iters, else of --min-steps) (our choice: 2 keeps the added cost
+    # near 25 CPU s per model; lambda_hat moves by ~0.003, so later states differ little)
+    diag_lbfgs_evals: int = setting(30, lo=0)  # full-batch L-BFGS evaluations to w*(lambda_hat) at the first
+    # checkpoint, from the grid's converged weights at lambda_hat_0 (our choice: ~6 CPU s on 784-100-100-10; it
+    # lowers max |dL_T/dw| about 6-fold)
+    diag_refine_evals: int = setting(10, lo=0)  # L-BFGS evaluations at each later checkpoint, warm-started from the
+    # previous checkpoint's w* (our choice: lambda_hat barely moves between checkpoints)
+    diag_gtol: float = setting(1e-6, lo=0, lo_open=True)  # L-BFGS stops early once max |dL_T/dw| is below this
+    diag_cg_iters: int = setting(30, lo=1)  # CG cap: Hessian-vector products per implicit hypergradient (our choice:
+    # ~7 CPU s on 784-100-100-10; 30 and 60 products give directions with cosine 0.99 there)
+    diag_cg_tol: float = setting(1e-3, lo=0, lo_open=True)  # CG stops early at this relative residual
+    diag_precondition: bool = setting(False)  # Jacobi-precondition CG by the Gauss-Newton diagonal (tried: no
+    # faster on 784-100-100-10, and its ~1 CPU s is not free)
 
 
-QUICK = dict(seconds=(1.0, 1.0, 1.0), min_steps=(0, 0, 0), n_train=500, n_valid=500, n_test=500, eval_every=2, log_every=10,
-             search_eval_every=10, search_patience=2, search_max_steps=60, search_lambdas=(-8.0, -7.0, -4.0),
-             models=((784, 10), (784, 20, 10), (784, 20, 20, 10)))
+QUICK = dict(seconds=(1.0, 1.0, 1.0), min_steps=(0, 0, 0), n_train=500, n_valid=500, n_test=500, eval_every=2,
+             log_every=10, search_eval_every=10, search_patience=2, search_max_steps=60,
+             search_lambdas=(-8.0, -7.0, -4.0), models=((784, 10), (784, 20, 10), (784, 20, 20, 10)),
+             diag_checkpoints=3, diag_lbfgs_evals=5, diag_refine_evals=2, diag_cg_iters=6)
 
 
 def model_name(sizes):
@@ -209,7 +239,7 @@ def minibatch_into(streams, key, step, splits, batch_size):
 # ------------------------------------------------------------------------------------ hyper-training
 
 def make_hyper(sizes, splits, config):
-    """(Alg3 initial state, step_fn, evaluate, problem, settings) of hyper-training one model."""
+    """(Alg3 initial state, step_fn, evaluate, settings, problem) of hyper-training one model."""
     P = num_params(sizes)
     problem = HyperProblem(decay_objective(sizes), mse_loss(sizes), splits.train_x, splits.train_y,
                            splits.valid_x, splits.valid_y, P, P)
@@ -223,7 +253,7 @@ def make_hyper(sizes, splits, config):
         check_divergence(valid, start, state.step, "hyper-training validation loss")
         return valid, loss(w, splits.test_x, splits.test_y)[0]
 
-    return state0, (lambda s, i: alg3_step(s, i, problem, settings, config.seed)), evaluate, settings
+    return state0, (lambda s, i: alg3_step(s, i, problem, settings, config.seed)), evaluate, settings, problem
 
 
 # ------------------------------------------------------------------------------------------ control
@@ -268,42 +298,45 @@ def converge_grid(sizes, lams, splits, config, w0, log=print):
     best = [dict(valid=np.inf, test=np.inf, step=0, steps=0, converged=False) for _ in range(K)]
     since = np.zeros(K, dtype=int)
     step = 0
-    while len(active) and step < config.search_max_steps:
-        for _ in range(config.search_eval_every):
-            x, y = minibatch_into(streams, STREAM_SEARCH, step, splits, config.batch_size)
-            g = gradient(W, decay2, x, y)
-            check_finite(g, step, "hand-tuned search gradient")
-            adam = adam_inplace(W, g, adam, config.step_size, scratch)
-            step += 1
-            if step >= config.search_max_steps:
-                break
-        valid = loss(W, splits.valid_x, splits.valid_y)
-        check_finite(valid, step, "hand-tuned search validation loss")
-        keep = []
-        for row, k in enumerate(active):
-            if valid[row] < best[k]["valid"]:
-                test = float(loss(W[row:row + 1], splits.test_x, splits.test_y)[0])
-                best[k].update(valid=float(valid[row]), test=test, step=step, weights=W[row].copy())
-                since[k] = 0
-            else:
-                since[k] += 1
-            best[k]["steps"] = step
-            if since[k] >= config.search_patience:
-                best[k]["converged"] = True
-                log(f"{model_name(sizes):>14s} hand-tuned log-decay {lams[k]:g}: stopped at step {step} (best valid "
-                    f"{best[k]['valid']:.5f} at step {best[k]['step']})")
-            else:
-                keep.append(row)
-        if len(keep) < len(active):  # the stopped models leave the stack
-            active, W, decay2 = active[keep], W[keep].copy(), decay2[keep].copy()
-            adam = type(adam)(adam.m[keep].copy(), adam.v[keep].copy(), adam.step)
-            scratch = np.empty(max(W.size, 1))
+    with Progress(total=config.search_max_steps, desc=f"{model_name(sizes)} hand-tuned grid", unit="step") as bar:
+        while len(active) and step < config.search_max_steps:
+            for _ in range(config.search_eval_every):
+                x, y = minibatch_into(streams, STREAM_SEARCH, step, splits, config.batch_size)
+                g = gradient(W, decay2, x, y)
+                check_finite(g, step, "hand-tuned search gradient")
+                adam = adam_inplace(W, g, adam, config.step_size, scratch)
+                step += 1
+                if step >= config.search_max_steps:
+                    break
+            valid = loss(W, splits.valid_x, splits.valid_y)
+            check_finite(valid, step, "hand-tuned search validation loss")
+            keep = []
+            for row, k in enumerate(active):
+                if valid[row] < best[k]["valid"]:
+                    test = float(loss(W[row:row + 1], splits.test_x, splits.test_y)[0])
+                    best[k].update(valid=float(valid[row]), test=test, step=step, weights=W[row].copy())
+                    since[k] = 0
+                else:
+                    since[k] += 1
+                best[k]["steps"] = step
+                if since[k] >= config.search_patience:
+                    best[k]["converged"] = True
+                    log(f"{model_name(sizes):>14s} hand-tuned log-decay {lams[k]:g}: stopped at step {step} "
+                        f"(best valid {best[k]['valid']:.5f} at step {best[k]['step']})")
+                else:
+                    keep.append(row)
+            if len(keep) < len(active):  # the stopped models leave the stack
+                active, W, decay2 = active[keep], W[keep].copy(), decay2[keep].copy()
+                adam = type(adam)(adam.m[keep].copy(), adam.v[keep].copy(), adam.step)
+                scratch = np.empty(max(W.size, 1))
+            bar.set(step, training=len(active))
     return best
 
 
-def hand_tuned(sizes, splits, config, w0, log=print):
+def hand_tuned(sizes, splits, config, w0, log=print, keep=None):
     """The global-decay search for one model: every value of search_lambdas trained to convergence (closed form
-    for the linear model); the best by validation MSE. Returns a JSON-able dict."""
+    for the linear model); the best by validation MSE. Returns a JSON-able dict; keep (a dict), optional, receives
+    {log-decay: converged weights (P,)} of the deeper models (the warm starts of the diagnostics)."""
     lams, cpu0 = np.array(config.search_lambdas, dtype=float), time.process_time()
     if len(sizes) == 2:  # 784-10: plain training converges to the ridge closed form (SPEC section 9)
         ridge = references.ridge_problem(splits.train_x, splits.train_y)
@@ -315,6 +348,8 @@ def hand_tuned(sizes, splits, config, w0, log=print):
     else:
         rows = converge_grid(sizes, lams, splits, config, w0, log)
         method = "Adam with the validation stopping rule"
+        if keep is not None:
+            keep.update({float(lam): row["weights"] for lam, row in zip(lams, rows, strict=True)})
     valid = [r["valid"] for r in rows]
     best = int(np.argmin(valid))
     result = dict(lambdas=lams.tolist(), valid=valid, test=[r["test"] for r in rows],
@@ -322,10 +357,137 @@ def hand_tuned(sizes, splits, config, w0, log=print):
                   converged=[r["converged"] for r in rows], method=method,
                   best_lambda=float(lams[best]), best_valid=valid[best], best_test=rows[best]["test"],
                   start_lambda_valid=valid[int(np.argmin(np.abs(lams - config.init_lambda)))],
+                  start_lambda_test=rows[int(np.argmin(np.abs(lams - config.init_lambda)))]["test"],
                   cpu_seconds=time.process_time() - cpu0)
     log(f"{model_name(sizes):>14s} hand-tuned: log-decay {lams[best]:g}, valid {valid[best]:.5f}, "
         f"test {rows[best]['test']:.5f} ({method}; steps {result['steps']}; {result['cpu_seconds']:.0f} CPU s)")
     return result
+
+
+# ------------------------------------------------------------------------------------------ diagnostics
+
+LAMBDA_QUANTILES = (1, 5, 25, 50, 75, 95, 99)  # percentiles of lambda_j - lambda_hat_0 over the weights, recorded
+
+
+def checkpoint_steps(config, floor):
+    """Hyperparameter steps whose states are diagnosed besides the end: 0 and diag_checkpoints - 2 steps evenly
+    spaced over the planned run (num_iters, else the step floor), on multiples of eval_every (where the evaluation
+    hook sees the state)."""
+    planned, between = (config.num_iters if config.num_iters is not None else floor), config.diag_checkpoints - 2
+    steps = {0}
+    for k in range(1, between + 1):
+        steps.add(int(round(planned * k / (between + 1) / config.eval_every)) * config.eval_every)
+    return sorted(steps)
+
+
+class Checkpoints:
+    """Copies of hyper-training states (lambda_hat, phi) at chosen steps, taken in the evaluation hook (off the
+    method clock), with the method's CPU seconds so far."""
+
+    def __init__(self, steps):
+        self.steps, self.saved, self.runs = set(steps), [], []
+
+    def _save(self, state, seconds):
+        if not any(c["step"] == state.step for c in self.saved):
+            kept = copy_state(state)
+            self.saved.append({"step": int(state.step), "seconds": float(seconds), "lam": kept.lam, "phi": kept.phi})
+
+    def wrap(self, evaluate):
+        """evaluate(state) that also saves the states of the chosen steps; attach the run with self.runs.append."""
+        def wrapped(state):
+            if state.step in self.steps:
+                self._save(state, self.runs[0].elapsed if self.runs else 0.0)
+            return evaluate(state)
+        return wrapped
+
+    def final(self, run):
+        """Save the run's last state (the end of hyper-training); the saved states in step order."""
+        self._save(run.state, run.elapsed)
+        return sorted(self.saved, key=lambda c: c["step"])
+
+
+def lambda_summary(lam, lam0):
+    """How far lambda_hat (P,) moved from lambda_hat_0 over the weights: rms, mean |.|, max |.|, percentiles."""
+    delta = np.asarray(lam) - lam0
+    return {"rms": float(np.sqrt(np.mean(delta ** 2))), "l2": float(np.linalg.norm(delta)),
+            "mean_abs": float(np.mean(np.abs(delta))), "max_abs": float(np.max(np.abs(delta))),
+            "percentiles": dict(zip(map(str, LAMBDA_QUANTILES),
+                                    map(float, np.percentile(delta, LAMBDA_QUANTILES)), strict=True))}
+
+
+def true_hypergradients(sizes, checkpoints, splits, config, w_start, log=print):
+    """The true hypergradient dL_V(w*(lambda))/dlambda (P,) at each checkpoint's lambda_hat, with how it was got.
+
+    784-10: exact, the closed form (references.exact_hypergradient). Deeper models: w* by full-batch L-BFGS on the
+    training objective (diag_lbfgs_evals at the first checkpoint from w_start, the grid's converged weights at
+    lambda_hat_0; diag_refine_evals at later ones from the previous w*), then references.ift_hypergradient (CG
+    capped at diag_cg_iters). Only training data enters w* and H, only validation data dL_V/dw.
+    Returns [(hypergradient (P,), info dict)]."""
+    out = []
+    if len(sizes) == 2:
+        ridge = references.ridge_problem(splits.train_x, splits.train_y)
+        for c in checkpoints:
+            exact, _, valid = references.exact_hypergradient(ridge, c["lam"], splits.valid_x, splits.valid_y)
+            out.append((exact, {"method": "closed form", "exact_valid": float(valid)}))
+        return out
+    valid, w = references.MLPObjective(sizes, splits.valid_x, splits.valid_y), np.array(w_start, dtype=float)
+    for k, c in enumerate(checkpoints):
+        train = references.MLPObjective(sizes, splits.train_x, splits.train_y, c["lam"])
+        evals = config.diag_lbfgs_evals if k == 0 else config.diag_refine_evals
+        name = f"{model_name(sizes)} step {c['step']}"
+        info = {"method": "implicit differentiation", "lbfgs_evaluations": 0}
+        if evals:
+            w, fit = references.minimise_objective(train, w, config.diag_gtol, evals, desc=f"{name} w*")
+            info.update(lbfgs_evaluations=fit["evaluations"], train_grad_max_start=fit["grad_max_start"],
+                        lbfgs_converged=fit["converged"])
+        ift = references.ift_hypergradient(train, valid, w, config.diag_cg_tol, config.diag_cg_iters,
+                                           precondition=config.diag_precondition, desc=f"{name} CG")
+        exact = ift.pop("hypergradient")
+        info.update(ift, exact_valid=float(ift.pop("valid_loss")))
+        half = "n/a" if info["half_cosine"] is None else f"{info['half_cosine']:.3f}"
+        log(f"{name:>24s}: L_V(w*) {info['exact_valid']:.5f}, max |dL_T/dw| {info['train_grad_max']:.2g}, CG "
+            f"{info['cg_iterations']} products, residual {info['cg_residual_undamped']:.2g}, damping "
+            f"{info['cg_damping']:.2g}, half-way cosine {half}")
+        out.append((exact, info))
+    return out
+
+
+def diagnose(sizes, checkpoints, splits, config, settings, problem, w_start, hand, log=print):
+    """Diagnostics of one model's hyper-training at its checkpoints -> (JSON-able dict, arrays)."""
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    truths = true_hypergradients(sizes, checkpoints, splits, config, w_start, log)
+    rows = []
+    for c, (exact, info) in zip(checkpoints, truths, strict=True):
+        direction = references.hypernet_hypergradient(c["phi"], c["lam"], settings, problem, splits.valid_x,
+                                                      splits.valid_y)
+        moved = c["lam"] - config.init_lambda
+        rows.append({"step": c["step"], "seconds": c["seconds"], "cosine": references.cosine(direction, exact),
+                     "lambda_moved_rms": float(np.sqrt(np.mean(moved ** 2))),
+                     "lambda_moved_max": float(np.max(np.abs(moved))), **info})
+    trained = rows[1:] or rows  # the first checkpoint is the untrained hypernetwork (a random J_phi)
+    name = model_name(sizes)
+    result = {
+        "method": rows[0]["method"],
+        "checkpoints": rows,
+        "cosine_mean": float(np.mean([r["cosine"] for r in trained])),
+        "cosine_start": rows[0]["cosine"],
+        "cosine_final": rows[-1]["cosine"],
+        "true_start_end_cosine": references.cosine(truths[0][0], truths[-1][0]),
+        "lambda_shift": lambda_summary(checkpoints[-1]["lam"], config.init_lambda),
+        "reference": {"lambda": config.init_lambda, "valid": hand["start_lambda_valid"],
+                      "test": hand["start_lambda_test"]},
+        "cpu_seconds": time.process_time() - cpu0,
+        "wall_seconds": time.perf_counter() - wall0,
+    }
+    if "cg_residual_undamped" in rows[-1]:
+        result["cg_residual_max"] = max(r["cg_residual_undamped"] for r in rows)
+    cosines = " ".join(f"{r['cosine']:+.3f}" for r in rows)
+    log(f"{name:>14s} diagnostics: cosine with the true hypergradient {cosines} "
+        f"(steps {[r['step'] for r in rows]}); lambda moved rms {result['lambda_shift']['rms']:.2g}, max "
+        f"{result['lambda_shift']['max_abs']:.2g}; {result['cpu_seconds']:.1f} CPU s")
+    arrays = {f"{name}_diag_{field}": np.array([r[field] for r in rows])
+              for field in ("step", "seconds", "cosine", "exact_valid", "lambda_moved_rms")}
+    return result, arrays
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -336,11 +498,14 @@ def run(config, data, log=print):
     summary, arrays = {"models": {}}, {}
     for sizes, seconds, floor in zip(config.models, budgets(config), config.min_steps, strict=True):
         name, P = model_name(sizes), num_params(sizes)
-        state0, step_fn, evaluate, settings = make_hyper(sizes, splits, config)
+        state0, step_fn, evaluate, settings, problem = make_hyper(sizes, splits, config)
         w0 = current_weights(state0, settings)[0].copy()  # the start shared by the control and the search
         budget = Budget(seconds=seconds, iters=config.num_iters, eval_every=config.eval_every,
                         log_every=config.log_every)
-        hyper = BudgetedRun(state0, step_fn, evaluate, budget, name, log).advance()
+        checkpoints = Checkpoints(checkpoint_steps(config, floor))
+        hyper = BudgetedRun(state0, step_fn, checkpoints.wrap(evaluate), budget, name, log)
+        checkpoints.runs.append(hyper)
+        hyper.advance()
         extended = config.num_iters is None and hyper.i < floor
         if extended:  # a slow machine: carry on to the step floor
             hyper.budget = dataclasses.replace(budget, seconds=None, iters=floor)
@@ -349,10 +514,15 @@ def run(config, data, log=print):
         steps = int(curve.step[-1])
         cstate, cstep, cevaluate = make_control(sizes, w0, splits, config)
         control = BudgetedRun(cstate, cstep, cevaluate,
-                              Budget(iters=steps * config.inner_steps, eval_every=config.eval_every * config.inner_steps,
+                              Budget(iters=steps * config.inner_steps,
+                                     eval_every=config.eval_every * config.inner_steps,
                                      log_every=config.log_every * config.inner_steps), f"{name} control", log)
         ccurve = control.advance().curve()
-        hand = hand_tuned(sizes, splits, config, w0, log)
+        grid_weights = {}
+        hand = hand_tuned(sizes, splits, config, w0, log, keep=grid_weights)
+        diagnostics, diag_arrays = diagnose(sizes, checkpoints.final(hyper), splits, config, settings, problem,
+                                            grid_weights.get(float(config.init_lambda)), hand, log)
+        arrays.update(diag_arrays)
         for field in ("step", "seconds", "valid", "test"):
             arrays[f"{name}_{field}"] = getattr(curve, field)
             arrays[f"{name}_control_{field}"] = getattr(ccurve, field)
@@ -379,6 +549,7 @@ def run(config, data, log=print):
             "final_valid_minus_hand_tuned_valid": float(curve.valid[-1]) - hand["best_valid"],
             "final_test_minus_hand_tuned_test": float(curve.test[-1]) - hand["best_test"],
             "control_valid_minus_final_valid": float(ccurve.valid[-1]) - float(curve.valid[-1]),
+            "diagnostics": diagnostics,
         }
     summary["budget"] = "iters" if config.num_iters is not None else "cpu_seconds"
     summary["budget_seconds"] = budgets(config) if config.num_iters is None else None
@@ -438,6 +609,20 @@ def verdict_tunes(summary):
     return value, "reproduced" if all(wins) else ("partly" if any(wins) else "not reproduced")
 
 
+def direction_cosines(summary):
+    """{deeper model: mean cosine of the hypernetwork's hypergradient with the true one, trained checkpoints}."""
+    return {n: summary["models"][n]["diagnostics"]["cosine_mean"] for n in _deeper(summary)}
+
+
+def verdict_direction(summary):
+    """Reproduced when every deeper model's mean cosine is at least large.COSINE_ZERO, refuted when none is
+    (|cosine| below it carries no information on the true direction; a negative one points uphill)."""
+    cosines = direction_cosines(summary)
+    aligned = [c >= large.COSINE_ZERO for c in cosines.values()]
+    value = " / ".join(f"{c:+.3f}" for c in cosines.values())
+    return value, "reproduced" if all(aligned) else ("partly" if any(aligned) else "refuted")
+
+
 CLAIMS = [
     Claim(id="layers-deeper-lower", claim="Deeper models reach lower validation losses than the linear model",
           paper="valid 0.039 / 0.013 / 0.0105 (Figure 5 bottom)",
@@ -453,11 +638,18 @@ CLAIMS = [
           evaluate=verdict_beats_hand, fmt="{:.4f}",
           evidence="models.*.final_valid_minus_hand_tuned_valid; compare_number_layers.pdf (dotted lines)"),
     Claim(id="layers-tunes-lambda",
-          claim="Hyper-training tunes lambda: it ends below plain training at lambda_hat_0, of equal length and converged",
+          claim="Hyper-training tunes lambda: it ends below plain training at lambda_hat_0, of equal length and "
+                "converged",
           paper="implied (the curves are presented as hyper-training)",
           evaluate=verdict_tunes, fmt="{:.5f}",
           evidence="models.*.control_valid_minus_final_valid, models.*.hand_tuned.start_lambda_valid; "
                    "compare_number_layers.pdf (thin lines)"),
+    Claim(id="layers-direction",
+          claim="Hyper-training's lambda step follows the true hypergradient on the deeper models",
+          paper="implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (Figure 5 bottom)",
+          evaluate=verdict_direction,
+          evidence="models.*.diagnostics.cosine_mean (implicit differentiation at w*(lambda_hat)); "
+                   "compare_number_layers_diagnostics.pdf (top row)"),
 ]
 
 
@@ -480,6 +672,17 @@ def tex_numbers(summary):
             f"Layers{word}ControlTest": texfmt.mse(c["final_test"]),
             f"Layers{word}LambdaMoved": texfmt.significant(m["lambda_moved_rms"], 2),
         })
+        d = m.get("diagnostics")
+        if d is not None:  # results from before the diagnostics have none
+            out.update({
+                f"Layers{word}Cosine": texfmt.fixed(d["cosine_mean"], 3),
+                f"Layers{word}CosineStart": texfmt.fixed(d["cosine_start"], 3),
+                f"Layers{word}CosineFinal": texfmt.fixed(d["cosine_final"], 3),
+                f"Layers{word}LambdaMovedMax": texfmt.significant(d["lambda_shift"]["max_abs"], 2),
+                f"Layers{word}DiagSeconds": texfmt.seconds(d["cpu_seconds"]),
+            })
+            if "cg_residual_max" in d:
+                out[f"Layers{word}CGResidual"] = texfmt.significant(d["cg_residual_max"], 2)
     return out
 
 
@@ -490,6 +693,12 @@ def report(summary):
               f"{m['final_test']:.5f}; control valid {c['final_valid']:.5f} test {c['final_test']:.5f}; hand-tuned "
               f"valid {h['best_valid']:.5f} test {h['best_test']:.5f} (log-decay {h['best_lambda']:g}); "
               f"lambda moved rms {m['lambda_moved_rms']:.2g}")
+        d = m.get("diagnostics")
+        if d is not None:
+            residual = f", CG residual <= {d['cg_residual_max']:.2g}" if "cg_residual_max" in d else ""
+            print(f"  diagnostics ({d['method']}): cosine with the true hypergradient start {d['cosine_start']:+.3f}, "
+                  f"trained mean {d['cosine_mean']:+.3f}{residual}; |lambda - lambda_0| max "
+                  f"{d['lambda_shift']['max_abs']:.2g}; {d['cpu_seconds']:.1f} CPU s")
 
 
 # ------------------------------------------------------------------------------------------- figure
@@ -500,6 +709,14 @@ LINE, THIN = 1.2, 0.6
 
 
 def plot(summary, arrays, out_dir):
+    """The published-style figure and (when the results have diagnostics) its companion."""
+    paths = plot_published(summary, arrays, out_dir)
+    if all("diagnostics" in m for m in summary["models"].values()):
+        paths += plot_diagnostics(summary, arrays, out_dir)
+    return paths
+
+
+def plot_published(summary, arrays, out_dir):
     """Validation (solid) and test (dashed) MSE against CPU time per model; hand-tuned validation dotted; the
     untuned control's validation MSE as a thin solid line."""
     import matplotlib.pyplot as plt
@@ -538,12 +755,78 @@ def plot(summary, arrays, out_dir):
                Line2D([], [], color="k", linestyle="--", linewidth=LINE),
                Line2D([], [], color="k", linestyle="-", linewidth=THIN, alpha=0.6)]
     labels = [rf"$\mathcal{{L}}_{{\mathrm{{Valid.}}}}{w_label}$", r"Hand-tuned $\mathcal{L}_{\mathrm{Valid.}}$",
-              rf"$\mathcal{{L}}_{{\mathrm{{Test}}}}{w_label}$", r"Untuned $\hat\lambda_0$ $\mathcal{L}_{\mathrm{Valid.}}$"]
+              rf"$\mathcal{{L}}_{{\mathrm{{Test}}}}{w_label}$",
+              r"Untuned $\hat\lambda_0$ $\mathcal{L}_{\mathrm{Valid.}}$"]
     for name, color in zip(names, COLORS, strict=False):
         handles.append(Line2D([], [], color=color, linewidth=LINE))
         labels.append(name)
     ax.legend(handles, labels, frameon=False, fontsize=18, loc="upper right")
     return finish_figure(fig, NAME, out_dir)
+
+
+
+def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
+    """Companion figure, one column per model: (a) cosine of the hypernetwork's hypergradient with the true one
+    at the checkpoints, (b) distribution of lambda_j - lambda_hat_0 at the end, (c) losses against the fixed-lambda
+    reference (converged plain training at lambda_hat_0) and L_V(w*(lambda_hat)) at the checkpoints."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from plotting import finish_figure, set_paper_style
+
+    set_paper_style(font_size=12)
+    names = list(summary["models"])
+    fig, axes = plt.subplots(3, len(names), figsize=(4.6 * len(names), 10.5), squeeze=False)
+    for col, (model, color) in enumerate(zip(names, COLORS, strict=False)):
+        m = summary["models"][model]
+        d = m["diagnostics"]
+        ax = axes[0, col]
+        ax.axhspan(-large.COSINE_ZERO, large.COSINE_ZERO, color="0.9", linewidth=0)
+        ax.axhline(0.0, color="0.5", linewidth=0.8)
+        ax.plot(arrays[f"{model}_diag_step"], arrays[f"{model}_diag_cosine"], "o-", color=color, ms=5)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_xlabel("hyperparameter step")
+        ax.set_ylabel("cosine with the true hypergradient")
+        truth = "closed form" if d["method"] == "closed form" else "implicit diff."
+        ax.set_title(f"{model}\n(a) direction vs {truth}; trained mean {d['cosine_mean']:+.3f}", fontsize=11)
+        ax = axes[1, col]
+        delta = arrays[f"{model}_lambda"] - config_lambda(summary, model)
+        span = max(float(np.max(np.abs(delta))), 1e-9)
+        ax.hist(delta, bins=np.linspace(-span, span, 61), color=color, histtype="stepfilled", alpha=0.6)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
+        ax.set_xlabel(rf"$\lambda_j - \hat\lambda_0$ at the end ({m['n_hyperparameters']:,} weights)")
+        ax.set_ylabel("count")
+        ax.set_title(rf"(b) rms {d['lambda_shift']['rms']:.2g}, max $|\cdot|$ {d['lambda_shift']['max_abs']:.2g}",
+                     fontsize=11)
+        ax = axes[2, col]
+        ax.plot(arrays[f"{model}_seconds"], arrays[f"{model}_valid"], "-", color=color, linewidth=LINE,
+                label="hyper-training valid")
+        ax.plot(arrays[f"{model}_control_seconds"], arrays[f"{model}_control_valid"], "-", color="0.4", linewidth=THIN,
+                label=r"plain training at $\hat\lambda_0$, same steps")
+        ax.axhline(d["reference"]["valid"], color="k", linestyle=":", linewidth=LINE,
+                   label=r"fixed-$\hat\lambda_0$ reference (converged)")
+        ax.plot(arrays[f"{model}_diag_seconds"], arrays[f"{model}_diag_exact_valid"], "s", color="k", ms=5,
+                mfc="none", label=r"$\mathcal{L}_V(w^*(\hat\lambda))$ at checkpoints")
+        values = np.concatenate([arrays[f"{model}_valid"], arrays[f"{model}_diag_exact_valid"],
+                                 [d["reference"]["valid"]]])
+        low, high = float(np.min(values)), float(np.percentile(values, 90))
+        ax.set_ylim(low - 0.1 * (high - low + 1e-4), high + 0.3 * (high - low + 1e-4))
+        ax.set_xlim(left=0)
+        ax.set_xlabel("Runtime in CPU seconds")
+        ax.set_ylabel("validation MSE")
+        ax.set_title("(c) losses and the fixed-lambda reference", fontsize=11)
+        ax.legend(frameon=False, fontsize=8, loc="upper right")
+    for a in axes.ravel():
+        for side in ("top", "right"):
+            a.spines[side].set_visible(False)
+    return finish_figure(fig, name, out_dir)
+
+
+def config_lambda(summary, name):
+    """lambda_hat_0 of a model's run (the fixed-lambda reference's decay)."""
+    return summary["models"][name]["diagnostics"]["reference"]["lambda"]
 
 
 if __name__ == "__main__":
