@@ -111,8 +111,8 @@ def test_baselines_never_train_on_validation_or_test_data(splits):
     assert base["valid"] == other_test["valid"] and base["test"] != other_test["test"]
     # the linear model's baseline is the closed form of the training data
     linear = layers.hand_tuned((784, 10), splits, dataclasses.replace(TINY, search_lambdas=(-7.0,)), None)
-    moved = layers.hand_tuned((784, 10), perturbed(splits, "valid", rs), dataclasses.replace(TINY, search_lambdas=(-7.0,)),
-                              None)
+    moved = layers.hand_tuned((784, 10), perturbed(splits, "valid", rs),
+                              dataclasses.replace(TINY, search_lambdas=(-7.0,)), None)
     assert linear["test"] == moved["test"]
     assert linear["valid"][0] == pytest.approx(references.fixed_lambda_reference(-7.0, splits)["valid"], rel=1e-12)
 
@@ -145,7 +145,8 @@ def test_control_is_plain_training_on_the_hypernetworks_minibatches(splits):
     w, adam = w0[None].copy(), adam_init(w0[None])
     for i in range(4):
         state = step_fn(state, i)
-        x, y = minibatch(splits.train_x, splits.train_y, config.batch_size, step_rng(config.seed, i, STREAM_TRAIN_BATCH))
+        x, y = minibatch(splits.train_x, splits.train_y, config.batch_size,
+                         step_rng(config.seed, i, STREAM_TRAIN_BATCH))
         w, adam = adam_textbook(w, g_fn(w, x, y), adam, config.step_size)
     valid, _ = evaluate(state)
     assert valid == pytest.approx(layers.mse_loss(SIZES)(w, splits.valid_x, splits.valid_y)[0], rel=1e-9)
@@ -157,7 +158,7 @@ def summary_with(hyper, control, converged_start, hand=0.02):
     for name, h, c, s in zip(("784-10", "784-100-10", "784-100-100-10"), hyper, control, converged_start, strict=True):
         models[name] = dict(final_valid=h, final_test=h + 0.001, control_valid_minus_final_valid=c - h,
                             final_valid_minus_hand_tuned_valid=h - hand,
-                            hand_tuned=dict(best_valid=hand, start_lambda_valid=s))
+                            hand_tuned=dict(best_valid=hand, start_lambda_valid=s), diagnostics=dict(cosine_mean=0.0))
     return {"models": models}
 
 
@@ -217,9 +218,10 @@ def test_budget_is_extended_to_the_step_floor(tmp_path, capsys):
         assert m["steps"] == 3 and m["budget_extended_to_min_steps"] and m["control"]["steps"] == 30
 
 
-@pytest.mark.parametrize("argv", [["--seconds", "1,2"], ["--min-steps", "1,2"], ["--step-size", "0"], ["--search-lambdas", "-8,-6"],
-                                  ["--models", "784-100"], ["--n-train", str(10**12)], ["--paper-budgets", "--seconds", "1,1,1"],
-                                  ["--seconds", "1e-9,1e-9,1e-9"], ["--seed", str(2**32)]])
+@pytest.mark.parametrize("argv", [["--seconds", "1,2"], ["--min-steps", "1,2"], ["--step-size", "0"],
+                                  ["--search-lambdas", "-8,-6"], ["--models", "784-100"], ["--n-train", str(10**12)],
+                                  ["--paper-budgets", "--seconds", "1,1,1"], ["--seconds", "1e-9,1e-9,1e-9"],
+                                  ["--seed", str(2**32)], ["--diag-checkpoints", "1"], ["--diag-cg-iters", "0"]])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
     code, out, err = run(capsys, "--out-dir", str(tmp_path), *argv)
     assert code == 2, err
