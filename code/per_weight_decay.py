@@ -21,6 +21,7 @@ Splits (`large_splits`): train = MNIST training images 0..9,999, valid = trainin
 test = the 10,000 official test images. Everything is float64; flat elementary weights follow
 neural_network.flatten_params (W row-major then b, layer after layer).
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -449,6 +450,7 @@ class Alg3Stepper:
         self.lambdas, self.decay, self.decay_grad = np.empty((K, P)), np.empty((K, P)), np.empty((K, P))
         self.d_w, self.d_w_valid = np.empty((K, P)), np.empty((1, P))
         self.hyper = self.hyper_valid = self.grads = self.scratch = None
+        self._flats = (None, None)          # (the arrays _adam last saw, their flat buffers): see _adam
 
     def _buffers(self, phi):
         """Hypernetwork buffers, sized from phi on the first call."""
@@ -460,8 +462,13 @@ class Alg3Stepper:
     def _adam(self, phi, grads, states, step_size):
         """Adam on every hypernetwork array: one adam_inplace call over flat buffers when phi, its moments
         and the gradients are each views of one buffer (init_alg3's layout), else one call per array."""
-        flats = [_flat_base([a for pair in tree for a in pair]) for tree in
-                 (phi, grads, [(sW.m, sb.m) for sW, sb in states], [(sW.v, sb.v) for sW, sb in states])]
+        arrays = tuple(a for tree in (phi, grads, [(sW.m, sb.m) for sW, sb in states],
+                                      [(sW.v, sb.v) for sW, sb in states]) for pair in tree for a in pair)
+        seen, flats = self._flats
+        if seen is None or len(seen) != len(arrays) or any(a is not b for a, b in zip(seen, arrays, strict=True)):
+            quarter = len(arrays) // 4      # the same array objects as last step: their buffers are unchanged
+            flats = [_flat_base(list(arrays[i * quarter:(i + 1) * quarter])) for i in range(4)]
+            self._flats = (arrays, flats)
         steps = {s.step for pair in states for s in pair}
         if all(f is not None for f in flats) and len(steps) == 1:
             x, g, m, v = flats
@@ -500,15 +507,22 @@ class Alg3Stepper:
             np.multiply(self.decay, w, out=self.decay_grad)                  # (2/K) exp(lambda_k) w_k
             self.d_w += self.decay_grad
             grads = self.hyper.backward(phi, self.d_w, self.grads)
-            check_finite(np.sum(grads[-1][1]), inner, "hypernetwork gradient")
+            _check_sum(grads[-1][1], inner, "hypernetwork gradient")
             phi_adam = self._adam(phi, grads, phi_adam, s.hypernet_step)
         self._batch(p.valid_x, p.valid_y, self.streams(step, STREAM_VALID_BATCH), self.vx, self.vy)
         w = self.hyper_valid.forward(phi, lam[None, :], s.input_offset)
         self.valid_net.grad_into(w, self.vx, self.vy, 1.0, self.d_w_valid)
         g_lam = self.hyper_valid.input_grad(phi, self.d_w_valid)[0]
-        check_finite(np.sum(g_lam), step, "hyperparameter gradient")
+        _check_sum(g_lam, step, "hyperparameter gradient")
         lam_adam = adam_inplace(lam, g_lam, state.lam_adam, s.lambda_step, self.scratch)
         return Alg3State(phi, lam, phi_adam, lam_adam, state.step + 1)
+
+
+def _check_sum(array, step, what):
+    """common.check_finite of an array through its sum (a NaN or infinity makes the sum non-finite)."""
+    total = float(np.sum(array))
+    if not math.isfinite(total):
+        check_finite(total, step, what)
 
 
 _STEPPERS = {}

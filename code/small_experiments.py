@@ -28,6 +28,7 @@ from neural_network import (
     relu,
 )
 from optimizers import adam, adam_init, adam_inplace, adam_textbook, stacked_grad
+from progress import Progress
 
 LAYER_SIZES = (784, 10)     # the elementary linear model
 N_WEIGHTS = 784 * 10 + 10   # flattened: W row-major, then b
@@ -115,7 +116,13 @@ def train_elementary(lambdas, train_x, train_y, init_scale, seed, step_size, num
     w0 = np.tile(elementary_init(init_scale, seed), (len(lambdas), 1))
     # Row k of the summed objective depends on row k only, so this is K independent Adam runs.
     grad = stacked_grad(lambda w, i: training_objective(w, lambdas, train_x, train_y))
-    return adam(grad, w0, num_iters=num_iters, step_size=step_size)
+    with cv_progress(num_iters, len(lambdas)) as bar:
+        return adam(grad, w0, callback=lambda w, i, g: bar.update(1), num_iters=num_iters, step_size=step_size)
+
+
+def cv_progress(num_iters, n_models):
+    """The progress.Progress of a cross-validation training run (num_iters Adam steps of n_models models)."""
+    return Progress(total=num_iters, desc=f"cross-validation ({n_models} models)", unit="step")
 
 
 class CVResult(NamedTuple):
@@ -211,6 +218,7 @@ class _TrainingTerm:
         self.square = np.empty((batch_size, n, c))
         self.norms = np.empty(batch_size)
         self.coef = np.empty(batch_size)
+        self.decay_grad = np.empty((batch_size, (LAYER_SIZES[0] + 1) * LAYER_SIZES[1]))   # coef_k w_k
 
     def value_and_weight_grad(self, weights, lambdas, weight_grad):
         """J_k (K,) for weights (K, 7850) at lambdas (K,); writes d(sum_k row_weight J_k)/dweights into
@@ -230,7 +238,8 @@ class _TrainingTerm:
         grad_matrices *= self.grad_scale
         np.divide(exp_lambdas, self.norms, out=self.coef)
         self.coef *= self.row_weight
-        weight_grad += self.coef[:, None] * weights
+        np.multiply(self.coef[:, None], weights, out=self.decay_grad)
+        weight_grad += self.decay_grad
         return objectives
 
 
@@ -242,9 +251,11 @@ def train_elementary_handwritten(lambdas, train_x, train_y, init_scale, seed, st
     weights = np.tile(elementary_init(init_scale, seed), (len(lambdas), 1))
     term = _TrainingTerm(train_x, train_y, len(lambdas), row_weight=1.0)
     grad, scratch, state = np.empty_like(weights), np.empty(weights.size), adam_init(weights)
-    for _ in range(num_iters):
-        term.value_and_weight_grad(weights, lambdas, grad)
-        state = adam_inplace(weights, grad, state, step_size, scratch)
+    with cv_progress(num_iters, len(lambdas)) as bar:
+        for _ in range(num_iters):
+            term.value_and_weight_grad(weights, lambdas, grad)
+            state = adam_inplace(weights, grad, state, step_size, scratch)
+            bar.update(1)
     return weights
 
 
@@ -286,6 +297,8 @@ class GlobalProblem:
         self.scratch = np.empty(self.size)                   # adam_inplace's work buffer
         self.pre = np.empty((batch_size, hidden_units))      # Z
         self.hidden = np.empty((batch_size, hidden_units))   # A
+        self.hidden_t = np.empty((hidden_units, batch_size))  # A' (contiguous: a faster GEMM for dW2)
+        self.active = np.empty((batch_size, hidden_units), dtype=bool)  # [Z > 0]
         self.dhidden = np.empty((batch_size, hidden_units))  # dA, then dZ
         self.weights = np.empty((batch_size, N_WEIGHTS))     # w
         self.weight_grad = np.empty((batch_size, N_WEIGHTS))  # G
@@ -321,10 +334,12 @@ def global_step(problem, params, state, lambdas, step_size):
     p.weights += b2
     objective = float(np.mean(p.term.value_and_weight_grad(p.weights, lambdas, p.weight_grad)))
     # backward: dW2 = A' G, db2 = sum_k G_k, dZ = (G W2') * [Z > 0], dW1 = l' dZ, db1 = sum_k dZ_k
-    np.dot(p.hidden.T, p.weight_grad, out=gW2)
+    np.copyto(p.hidden_t, p.hidden.T)
+    np.dot(p.hidden_t, p.weight_grad, out=gW2)
     np.sum(p.weight_grad, axis=0, out=gb2)
     np.dot(p.weight_grad, W2.T, out=p.dhidden)
-    p.dhidden *= p.pre > 0
+    np.greater(p.pre, 0.0, out=p.active)
+    p.dhidden *= p.active
     np.dot(lambdas[None, :], p.dhidden, out=gW1)
     np.sum(p.dhidden, axis=0, out=gb1)
     return objective, adam_inplace(params, p.grad, state, step_size, p.scratch)

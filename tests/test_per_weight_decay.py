@@ -263,3 +263,16 @@ def test_step_streams_reproduce_step_rng_bit_for_bit():
         assert a.tobytes() == b.tobytes()
         assert expected.randint(0, 1000, size=50).tolist() == got.randint(0, 1000, size=50).tolist()
         assert expected.random_sample(7).tobytes() == got.random_sample(7).tobytes()
+
+
+def test_hand_written_step_stops_on_a_non_finite_gradient(splits):
+    """A NaN in the training data makes the hypernetwork gradient non-finite: a DivergenceError, not NaN weights."""
+    from common import DivergenceError
+
+    bad_x = splits.train_x.copy()
+    bad_x[:, 0] = np.nan
+    problem = small_problem(splits)._replace(train_x=bad_x)
+    settings = pwd.Alg3Settings(inner_steps=2, batch_size=8, valid_batch_size=8)
+    state = pwd.init_alg3(problem, settings, 3)
+    with pytest.raises(DivergenceError, match="hypernetwork gradient is not finite at step 0"):
+        pwd.alg3_step(state, 0, problem, settings, 3)
