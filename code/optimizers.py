@@ -39,7 +39,8 @@ def adam_init(flat_params):
     return AdamState(np.zeros_like(flat_params), np.zeros_like(flat_params), 0)
 
 
-ADAM_BLOCK = 1 << 15  # elements per block of adam_inplace: a block's working set stays in L2 / L3 cache
+ADAM_BLOCK = 1 << 16  # elements per block of adam_inplace: a block's working set stays in L3 cache; 2^16 was
+# faster than 2^15 (numpy call overhead per block) on 165k- and 400k-entry arrays (issue 13), the same numbers
 
 
 def adam_inplace(x, g, state, step_size, scratch=None, b1=0.9, b2=0.999, eps=1e-8):

@@ -293,3 +293,18 @@ def test_train_stacked_callback_sees_the_tree_gradient():
     np.testing.assert_allclose(nn.flatten_params(g1), nn.flatten_params(expected), rtol=1e-13)
     reference = adam(grad(lambda p, i: anp.sum(batched_loss(p, i))), params0, num_iters=3, step_size=0.1)
     np.testing.assert_array_equal(nn.flatten_params(final), nn.flatten_params(reference))
+
+
+def test_fused_adam_numbers_do_not_depend_on_the_block_size(monkeypatch):
+    """Every pass is elementwise, so ADAM_BLOCK changes the speed, never a bit of the result."""
+    import optimizers
+    rs = np.random.RandomState(8)
+    n = 3 * optimizers.ADAM_BLOCK + 11
+    x0, g, m0, v0 = rs.randn(n), rs.randn(n), rs.randn(n) * 0.1, rs.rand(n) * 0.01
+    results = []
+    for block in (optimizers.ADAM_BLOCK, 1000, 7):
+        monkeypatch.setattr(optimizers, "ADAM_BLOCK", block)
+        x, m, v = x0.copy(), m0.copy(), v0.copy()
+        adam_inplace(x, g, AdamState(m, v, 3), 1e-3)
+        results.append(b"".join(a.tobytes() for a in (x, m, v)))
+    assert results[0] == results[1] == results[2]
