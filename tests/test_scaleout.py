@@ -189,32 +189,24 @@ def test_cluster_without_the_code_is_one_line_not_a_hang(cluster):
         client.close()
 
 
-MEDIUM_ARGS = ("--synthetic", "--quick", "--iters", "3", "--search-iters", "2", "--rescore-steps", "50")
-
-
-def medium_results(out_dir):
-    """The random-search and BO evaluations of a medium run: summary entries and the per-evaluation arrays' bytes."""
-    import json
-
-    summary = json.loads((out_dir / "results" / "hypernets_local_medium.json").read_text())
-    with np.load(out_dir / "results" / "hypernets_local_medium.npz") as npz:
-        arrays = {k: npz[k].tobytes() for k in npz.files
-                  if k.startswith(("random_", "bayesopt_")) and "seconds" not in k}
-    return summary, arrays
-
-
-def test_medium_baseline_batches_on_the_cluster_are_bit_identical_to_jobs_1(cluster, tmp_path, capsys):
-    """hypernets_local_medium --scheduler: random search's and BO's batches train on the 2 workers (split across
-    them), with the same bits as --jobs 1 and the workers' CPU seconds on the methods' clocks."""
-    import common
+def medium_run(config, data, **kwargs):
+    """A medium run's summary and its random-search and BO arrays (per evaluation), without figures."""
     import hypernets_local_medium as med
 
-    runs = {}
-    for name, extra in (("local", ()), ("dask", ("--scheduler", cluster.scheduler_address))):
-        code = common.main(med, [*MEDIUM_ARGS, "--out-dir", str(tmp_path / name), *extra])
-        assert code == 0, capsys.readouterr().err
-        runs[name] = medium_results(tmp_path / name)
-    (local, local_arrays), (dask, dask_arrays) = runs["local"], runs["dask"]
+    summary, arrays = med.run(config, data, log=lambda line: None, **kwargs)
+    return summary, {k: np.asarray(v).tobytes() for k, v in arrays.items()
+                     if k.startswith(("random_", "bayesopt_")) and "seconds" not in k}
+
+
+def test_medium_baseline_batches_on_the_cluster_are_bit_identical_to_jobs_1(cluster):
+    """hypernets_local_medium --scheduler: random search's and BO's batches train on the 2 workers (split across
+    them), with the same bits as --jobs 1 and the workers' CPU seconds on the methods' clocks."""
+    import hypernets_local_medium as med
+
+    config = dataclasses.replace(med.Config(), **{**med.QUICK, "num_iters": 2, "search_iters": 2, "rescore_steps": 20})
+    data = synthetic_mnist()
+    local, local_arrays = medium_run(config, data, jobs=1)
+    dask, dask_arrays = medium_run(dataclasses.replace(config, scheduler=cluster.scheduler_address), data)
     assert dask["backend"] == "dask" and dask["workers"] == 2 and local["workers"] == 1
     assert sorted(dask_arrays) == sorted(local_arrays) and "random_eval_valid" in dask_arrays
     assert dask_arrays == local_arrays  # every evaluation's lambdas, validation and test loss, bit for bit
