@@ -260,7 +260,7 @@ def test_iters_runs_are_bit_reproducible(tmp_path, capsys):
                                   ["--random-batch", str(10**8)], ["--slice-seconds", "1e-300"],
                                   ["--seconds", "1e-6"], ["--lambda-low", "3", "--lambda-high", "-3"],
                                   ["--paper-budgets", "--seconds", "5"], ["--seconds", "-1"], ["--bo-batch", "0"],
-                                  ["--iters", "0"]])
+                                  ["--iters", "0"], ["--backend", "dask"], ["--backend", "ray"]])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
     code, _, err = run(capsys, "--out-dir", str(tmp_path), *argv)
     assert code == 2, err
