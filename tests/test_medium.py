@@ -223,6 +223,9 @@ def test_end_to_end_quick_run_with_control_retraining_and_replot(tmp_path, capsy
     for stem in ("hypernets_local_medium", "hypernets_local_medium_rescored", "hypernets_local_medium_diagnostics"):
         assert (tmp_path / f"{stem}.pdf").exists()
     d, ref = summary["diagnostics"], summary["reference"]
+    assert med.tex_numbers(summary)["MediumCosineMean"] and "MediumExactBayesValid" in med.tex_numbers(summary)
+    older = {k: v for k, v in summary.items() if k not in ("diagnostics", "reference", "exact")}
+    assert "MediumCosineMean" not in med.tex_numbers(older) and "MediumRescoredHyperValid" in med.tex_numbers(older)
     assert -1 <= d["cosine"]["mean"] <= 1 and d["cosine"]["checkpoints"] >= 2 and d["cpu_seconds"] > 0
     assert len(d["lambda_shift"]["per_class"]) == 10 and ref["stationarity"] < 1e-10
     assert summary["exact"]["control"]["valid"] == ref["valid"] < summary["rescored"]["control"]["valid"]
