@@ -57,7 +57,7 @@ import references as refs
 import scaleout
 import texfmt
 from budget import Budget, BudgetedRun, run_interleaved
-from common import Claim, ExperimentError, UsageError, check_divergence, check_finite, setting, step_rng
+from common import ExperimentError, UsageError, check_divergence, check_finite, setting, step_rng
 from data_loader import scatter_splits
 from hypernets_local_large import COSINE_ZERO
 from optimizers import adam_init, adam_inplace
@@ -971,76 +971,92 @@ def verdict_figure(summary):
     return lead, "reproduced" if lead >= PAPER_LEAD / 2 else "partly"
 
 
-CLAIMS = [
-    Claim(id="medium-figure",
-          claim="Within equal runtime, hyper-training's validation loss ends below random search's and BO's best",
-          paper=f"lead {PAPER_LEAD:.3f} (hypernet 0.485 vs BO 0.592, appendix)",
-          evaluate=verdict_figure, fmt="{:.3f}",
-          evidence="methods.*.best_valid, methods.hypernet.plateau_valid; hypernets_local_medium.pdf"),
-    Claim(id="medium-beats-bo-random",
-          claim="Hyper-training finds better per-class decays than BO and random search (best lambdas retrained alike)",
-          paper="hypernet valid 0.485 vs BO 0.592",
-          evaluate=lambda s: (rescored_lead(s),
-                              "reproduced" if rescored_lead(s) > RANKING_MARGIN else "not reproduced"),
-          fmt="{:.4f}", evidence="rescored.*.valid; hypernets_local_medium_rescored.pdf"),
-    Claim(id="medium-tunes-lambda",
-          claim="Hyper-training's lambda beats the untuned starting lambda when both are retrained alike",
-          paper="implied (the hypernetwork curve is hyper-training tuning lambda)",
-          evaluate=lambda s: (tuning_gain(s), "reproduced" if tuning_gain(s) > RANKING_MARGIN else "refuted"),
-          fmt="{:.4f}",
-          evidence="rescored.hypernet.valid, rescored.control.valid; hypernets_local_medium_rescored.pdf"),
-    Claim(id="medium-hg-direction",
-          claim="Hyper-training's lambda step points along the exact hypergradient of the 10 per-class decays",
-          paper="implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (appendix, right)",
-          evaluate=verdict_cosine, fmt="{:+.3f}",
-          evidence="diagnostics.cosine.mean (exact: implicit differentiation); hypernets_local_medium_diagnostics.pdf"),
-]
+def verdict_ranking(summary):
+    """(re-scored lead of hyper-training over the best baseline, verdict)."""
+    lead = rescored_lead(summary)
+    return lead, "reproduced" if lead > RANKING_MARGIN else "not reproduced"
+
+
+def verdict_tunes(summary):
+    """(re-scored gain of hyper-training's lambda over lambda_hat_0, verdict)."""
+    gain = tuning_gain(summary)
+    return gain, "reproduced" if gain > RANKING_MARGIN else "refuted"
+
+
+CLAIMS = common.claims(globals(), """
+    id: medium-figure
+    claim: Within equal runtime, hyper-training's validation loss ends below random search's and BO's best
+    paper: hypernet 0.485 vs BO 0.592 (appendix, right)
+    evaluate: verdict_figure
+    fmt: {:.3f}
+    evidence: methods.*.best_valid, methods.hypernet.plateau_valid; hypernets_local_medium.pdf
+
+    id: medium-beats-bo-random
+    claim: Hyper-training finds better per-class decays than BO and random search (best lambdas retrained alike)
+    paper: hypernet valid 0.485 vs BO 0.592
+    evaluate: verdict_ranking
+    fmt: {:.4f}
+    evidence: rescored.*.valid; hypernets_local_medium_rescored.pdf
+
+    id: medium-tunes-lambda
+    claim: Hyper-training's lambda beats the untuned starting lambda when both are retrained alike
+    paper: implied (the hypernetwork curve is hyper-training tuning lambda)
+    evaluate: verdict_tunes
+    fmt: {:.4f}
+    evidence: rescored.hypernet.valid, rescored.control.valid; hypernets_local_medium_rescored.pdf
+
+    id: medium-hg-direction
+    claim: Hyper-training's lambda step points along the exact hypergradient of the 10 per-class decays
+    paper: implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (appendix, right)
+    evaluate: verdict_cosine
+    fmt: {:+.3f}
+    evidence: diagnostics.cosine.mean (exact: implicit differentiation); hypernets_local_medium_diagnostics.pdf
+""")
+
+METHOD_WORDS = (("hypernet", "Hyper"), ("random", "Random"), ("bayesopt", "Bayes"), ("control", "Control"))
 
 
 def tex_numbers(summary):
     """Numbers the paper text quotes from this experiment (macro name -> LaTeX)."""
-    m, r, c = summary["methods"], summary["rescored"], summary["control"]
-    out = {
-        "MediumBudget": texfmt.seconds(summary["budget_seconds"]) if summary["budget_seconds"] is not None
-        else texfmt.integer(m["hypernet"]["lambda_steps"]),
-        "MediumHypernetParams": texfmt.integer(summary["hypernet_parameters"]),
-        "MediumHypernetSteps": texfmt.integer(m["hypernet"]["hypernet_steps"]),
-        "MediumLambdaSteps": texfmt.integer(m["hypernet"]["lambda_steps"]),
-        "MediumRandomEvaluations": texfmt.integer(m["random"]["evaluations"]),
-        "MediumBayesEvaluations": texfmt.integer(m["bayesopt"]["evaluations"]),
-        "MediumHyperPlateauValid": texfmt.nll(m["hypernet"]["plateau_valid"]),
-        "MediumHyperPlateauTest": texfmt.nll(m["hypernet"]["plateau_test"]),
-        "MediumHyperBestValid": texfmt.nll(m["hypernet"]["best_valid"]),
-        "MediumHyperBestTest": texfmt.nll(m["hypernet"]["test_at_best"]),
-        "MediumRandomBestValid": texfmt.nll(m["random"]["best_valid"]),
-        "MediumRandomBestTest": texfmt.nll(m["random"]["test_at_best"]),
-        "MediumBayesBestValid": texfmt.nll(m["bayesopt"]["best_valid"]),
-        "MediumBayesBestTest": texfmt.nll(m["bayesopt"]["test_at_best"]),
-        "MediumControlSteps": texfmt.integer(c["steps"]),
-        "MediumControlValid": texfmt.nll(c["plateau_valid"]),
-        "MediumControlTest": texfmt.nll(c["plateau_test"]),
-        "MediumRescoreSteps": texfmt.integer(summary["rescore_steps"]),
-    }
-    for key, word in (("hypernet", "Hyper"), ("random", "Random"), ("bayesopt", "Bayes"), ("control", "Control")):
-        out[f"MediumRescored{word}Valid"] = texfmt.nll(r[key]["valid"])
-        out[f"MediumRescored{word}Test"] = texfmt.nll(r[key]["test"])
+    m = summary["methods"]
+    out = texfmt.macros(TEX_PREFIX, summary, """
+        HypernetParams     integer  hypernet_parameters
+        HypernetSteps      integer  methods.hypernet.hypernet_steps
+        LambdaSteps        integer  methods.hypernet.lambda_steps
+        RandomEvaluations  integer  methods.random.evaluations
+        BayesEvaluations   integer  methods.bayesopt.evaluations
+        HyperPlateauValid  nll      methods.hypernet.plateau_valid
+        HyperPlateauTest   nll      methods.hypernet.plateau_test
+        HyperBestValid     nll      methods.hypernet.best_valid
+        HyperBestTest      nll      methods.hypernet.test_at_best
+        RandomBestValid    nll      methods.random.best_valid
+        RandomBestTest     nll      methods.random.test_at_best
+        BayesBestValid     nll      methods.bayesopt.best_valid
+        BayesBestTest      nll      methods.bayesopt.test_at_best
+        ControlSteps       integer  control.steps
+        ControlValid       nll      control.plateau_valid
+        ControlTest        nll      control.plateau_test
+        RescoreSteps       integer  rescore_steps
+    """)
+    out[TEX_PREFIX + "Budget"] = (texfmt.seconds(summary["budget_seconds"]) if summary["budget_seconds"] is not None
+                                  else texfmt.integer(m["hypernet"]["lambda_steps"]))
+    for key, word in METHOD_WORDS:
+        out |= texfmt.macros(TEX_PREFIX + "Rescored" + word, summary["rescored"][key], "Valid nll valid\nTest nll test")
     if "diagnostics" not in summary:  # results from before the exact diagnostics: their macros read n/a
         return out
-    d, ref = summary["diagnostics"], summary["reference"]
-    out |= {
-        "MediumCosineMean": texfmt.fixed(d["cosine"]["mean"], 3),
-        "MediumCosineFinal": texfmt.fixed(d["cosine"]["final"], 3),
-        "MediumCosineCheckpoints": texfmt.integer(d["cosine"]["checkpoints"]),
-        "MediumLambdaShift": texfmt.significant(d["lambda_shift"]["l2"]),
-        "MediumLambdaShiftMax": texfmt.significant(d["lambda_shift"]["max_abs"]),
-        "MediumExactGain": texfmt.significant(d["exact_gain"]),
-        "MediumReferenceValid": texfmt.nll(ref["valid"]),
-        "MediumReferenceTest": texfmt.nll(ref["test"]),
-        "MediumDiagnosticsSeconds": texfmt.seconds(d["cpu_seconds"]),
-    }
-    for key, word in (("hypernet", "Hyper"), ("random", "Random"), ("bayesopt", "Bayes"), ("control", "Control")):
-        out[f"MediumExact{word}Valid"] = texfmt.nll(summary["exact"][key]["valid"])
-        out[f"MediumExact{word}Test"] = texfmt.nll(summary["exact"][key]["test"])
+    out |= texfmt.macros(TEX_PREFIX, summary, """
+        CosineMean          fixed3       diagnostics.cosine.mean
+        CosineFinal         fixed3       diagnostics.cosine.final
+        CosineCheckpoints   integer      diagnostics.cosine.checkpoints
+        LambdaShift         significant3 diagnostics.lambda_shift.l2
+        LambdaShiftMax      significant3 diagnostics.lambda_shift.max_abs
+        ExactGain           significant3 diagnostics.exact_gain
+        ReferenceValid      nll          reference.valid
+        ReferenceTest       nll          reference.test
+        DiagnosticsSeconds  seconds      diagnostics.cpu_seconds
+    """)
+    for key, word in METHOD_WORDS:
+        out |= texfmt.macros(TEX_PREFIX + "Exact" + word, summary["exact"][key], "Valid nll valid\nTest nll test")
     return out
 
 
