@@ -10,6 +10,7 @@ lambdas (crosses), and the optimum lambda* of a dense cross-validation sweep (da
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,6 +20,7 @@ import texfmt
 from common import check_divergence, check_finite, setting, threshold_verdict
 from neural_network import hypernet_weights, init_hypernet, relu
 from optimizers import adam_init
+from progress import Progress
 
 NAME = "hypernets_global_small"
 TEX_PREFIX = "Global"  # every macro this script exports to the paper starts with it
@@ -90,8 +92,19 @@ def hypernet_valid_loss(hyper_params, lambdas, splits):
     return se.evaluate_loss(weights, splits.valid_x, splits.valid_y)
 
 
+class Trained(NamedTuple):
+    """What train_hypernet returns."""
+
+    params: np.ndarray         # the trained hypernetwork, flat
+    problem: se.GlobalProblem  # the training problem (shapes, minibatching)
+    log_steps: list            # steps at which the objective was logged
+    log_objective: list        # the objective there
+    wall_seconds: float        # training wall time
+    cpu_seconds: float         # training CPU time
+
+
 def train_hypernet(config, splits):
-    """Adam on the hypernetwork: returns (flat params, problem, log_steps, log_objective, train wall s, CPU s)."""
+    """Adam on the hypernetwork for config.num_iters steps; returns Trained."""
     problem = se.GlobalProblem(splits.train_x, splits.train_y, config.hidden_units, config.batch_size)
     params = se.global_flat_params(init_hypernet("mlp", 1, se.N_WEIGHTS, config.init_scale,
                                                  np.random.RandomState(config.seed), hidden=config.hidden_units))
@@ -100,17 +113,20 @@ def train_hypernet(config, splits):
     normals = se.StepNormals(config.seed)
     log_steps, log_objective, first = [], [], None
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    bar = Progress(total=config.num_iters, desc="global hypernetwork", unit="step")
     for step in range(config.num_iters):
         objective, state = step_fn(problem, params, state, sample_lambdas(config, normals, step), config.step_size)
         first = objective if first is None else first
         check_divergence(objective, first, step + 1, "training objective")
+        bar.update(1, objective=f"{objective:.4f}")
         if (step + 1) % config.log_every == 0 or step + 1 == config.num_iters:
             log_steps.append(step + 1)
             log_objective.append(objective)
             print(f"step {step + 1:6d}/{config.num_iters}  objective {objective:8.4f}  "
                   f"{time.perf_counter() - wall0:7.1f} s", flush=True)
+    bar.close()
     check_finite(params, config.num_iters, "hypernetwork parameters")
-    return (params, problem, log_steps, log_objective, time.perf_counter() - wall0, time.process_time() - cpu0)
+    return Trained(params, problem, log_steps, log_objective, time.perf_counter() - wall0, time.process_time() - cpu0)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -125,8 +141,8 @@ def run(config, data):
     print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
           f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - wall0:.1f} s)", flush=True)
 
-    params, problem, log_steps, log_objective, train_seconds, train_cpu = train_hypernet(config, splits)
-    hyper = se.global_params_list(problem, params)
+    trained = train_hypernet(config, splits)
+    hyper = se.global_params_list(trained.problem, trained.params)
     curve_lambdas = se.grid(config.curve_lo, config.curve_hi, config.curve_count)
     curve = hypernet_valid_loss(hyper, curve_lambdas, splits)
     at_cv = hypernet_valid_loss(hyper, cv.lambdas, splits)
@@ -141,15 +157,15 @@ def run(config, data):
         "hypernet_valid_at_cv": at_cv.tolist(),
         "curve_gap": float(np.mean(np.abs(at_cv - cv.valid_loss))),
         "iterations": config.num_iters,
-        "final_objective": log_objective[-1],
+        "final_objective": trained.log_objective[-1],
         "seconds": time.perf_counter() - wall0,
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu,
-        "step_ms": 1e3 * train_cpu / config.num_iters,
+        "train_seconds": trained.wall_seconds,
+        "train_cpu_seconds": trained.cpu_seconds,
+        "step_ms": 1e3 * trained.cpu_seconds / config.num_iters,
     }
     arrays = {f"cv_{k}": np.asarray(v) for k, v in cv._asdict().items() if k != "lambda_star"}
     arrays.update(curve_lambdas=curve_lambdas, hypernet_valid=curve, hypernet_valid_at_cv=at_cv,
-                  log_steps=np.array(log_steps), log_objective=np.array(log_objective))
+                  log_steps=np.array(trained.log_steps), log_objective=np.array(trained.log_objective))
     return summary, arrays
 
 

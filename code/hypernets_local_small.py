@@ -11,6 +11,7 @@ the run stops when lambda_hat has settled (see --converge-window) or after --ite
 import sys
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,6 +21,7 @@ import texfmt
 from common import check_divergence, check_finite, setting, threshold_verdict
 from neural_network import init_hypernet
 from optimizers import adam_init
+from progress import Progress
 
 NAME = "hypernets_local_small"
 TEX_PREFIX = "Local"  # every macro this script exports to the paper starts with it
@@ -105,9 +107,20 @@ def settled(trajectory, window, tol):
     return tol > 0 and len(trajectory) > window and abs(trajectory[-1] - trajectory[-1 - window]) < tol
 
 
+class Joint(NamedTuple):
+    """What optimise_jointly returns."""
+
+    params: np.ndarray    # the hypernetwork, flat
+    trajectory: list      # lambda_hat before every step and after the last (steps + 1,)
+    objectives: list      # training objective per step (steps,)
+    valid_losses: list    # validation loss per step (steps,)
+    converged: bool       # whether the convergence rule stopped the run (else num_iters did)
+    wall_seconds: float   # training wall time
+    cpu_seconds: float    # training CPU time
+
+
 def optimise_jointly(config, splits):
-    """The outer loop of Algorithm 3 (or 4) until the convergence rule or num_iters:
-    returns (flat params, lambda_hat trajectory, objectives, valid losses, converged, train wall s, CPU s)."""
+    """The outer loop of Algorithm 3 (or 4) until the convergence rule or num_iters; returns Joint."""
     batch = 1 if config.algorithm == "simplified" else config.batch_size
     problem = se.LocalProblem(splits.train_x, splits.train_y, splits.valid_x, splits.valid_y, batch)
     params = se.local_flat_params(init_hypernet("linear", 1, se.N_WEIGHTS, config.init_scale,
@@ -118,6 +131,7 @@ def optimise_jointly(config, splits):
     normals = se.StepNormals(config.seed)
     trajectory, objectives, valid_losses, converged = [config.lambda_init], [], [], False
     wall0, cpu0 = time.perf_counter(), time.process_time()
+    bar = Progress(total=config.num_iters, desc="local hypernetwork", unit="step")  # the cap: may stop earlier
     for step in range(config.num_iters):
         lambdas = sample_lambdas(config, normals, lambda_hat[0], step)
         objective, valid, slope, state = step_fn(problem, params, lambda_hat, state, lambdas,
@@ -128,14 +142,16 @@ def optimise_jointly(config, splits):
         objectives.append(objective)
         valid_losses.append(valid)
         converged = settled(trajectory, config.converge_window, config.converge_tol)
+        bar.update(1, valid=f"{valid:.4f}", lam=f"{lambda_hat[0]:.3f}")
         if (step + 1) % config.log_every == 0 or step + 1 == config.num_iters or converged:
             print(f"step {step + 1:6d}/{config.num_iters}  objective {objective:8.4f}  valid {valid:7.4f}  "
                   f"lambda {lambda_hat[0]:7.3f}  {time.perf_counter() - wall0:7.1f} s"
                   + ("  (converged)" if converged else ""), flush=True)
         if converged:
             break
-    return (params, trajectory, objectives, valid_losses, converged, time.perf_counter() - wall0,
-            time.process_time() - cpu0)
+    bar.close()
+    return Joint(params, trajectory, objectives, valid_losses, converged, time.perf_counter() - wall0,
+                 time.process_time() - cpu0)
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -157,8 +173,8 @@ def run(config, data):
     print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
           f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - wall0:.1f} s)", flush=True)
 
-    params, trajectory, objectives, valid_losses, converged, train_seconds, train_cpu = \
-        optimise_jointly(config, splits)
+    joint = optimise_jointly(config, splits)
+    params, trajectory, objectives, valid_losses = joint.params, joint.trajectory, joint.objectives, joint.valid_losses
     steps, lambda_final = len(objectives), trajectory[-1]
     curve_lambdas = se.grid(config.curve_lo, config.curve_hi, config.curve_count)
     curve_weights = hypernet_flat_weights(params, curve_lambdas)
@@ -175,16 +191,16 @@ def run(config, data):
         "lambda_star_cv": cv.lambda_star,
         "lambda_gap": abs(lambda_final - cv.lambda_star),
         "lambda_trajectory": subsample(trajectory, config.trajectory_points).tolist(),
-        "converged": converged,
+        "converged": joint.converged,
         "valid_loss_final": valid_final,
         "cv_valid_at_final": cv_valid_at_final,
         "tracking_gap": abs(valid_final - cv_valid_at_final),
         "regret": valid_final - float(np.min(cv.sweep_valid)),
         "iterations": steps,
         "seconds": time.perf_counter() - wall0,
-        "train_seconds": train_seconds,
-        "train_cpu_seconds": train_cpu,
-        "step_ms": 1e3 * train_cpu / steps,
+        "train_seconds": joint.wall_seconds,
+        "train_cpu_seconds": joint.cpu_seconds,
+        "step_ms": 1e3 * joint.cpu_seconds / steps,
     }
     arrays = {f"cv_{k}": np.asarray(v) for k, v in cv._asdict().items() if k != "lambda_star"}
     arrays.update(curve_lambdas=curve_lambdas, hypernet_train=train_curve, hypernet_valid=valid_curve,
