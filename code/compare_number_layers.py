@@ -38,28 +38,14 @@ import numpy as np
 
 import common
 import hypernets_local_large as large
+import per_weight_decay as pwd
 import references
 import texfmt
 from budget import Budget, BudgetedRun
-from common import Claim, UsageError, check_divergence, check_finite, setting
+from common import UsageError, check_divergence, check_finite, setting
 from data_loader import small_splits
 from neural_network import num_params
 from optimizers import adam_init, adam_inplace
-from per_weight_decay import (
-    STREAM_TRAIN_BATCH,
-    Alg3Settings,
-    HyperProblem,
-    MLPBackprop,
-    StepStreams,
-    alg3_step,
-    copy_state,
-    current_weights,
-    decay_objective,
-    fan_in_init,
-    hypernet_size,
-    init_alg3,
-    mse_loss,
-)
 from progress import Progress
 
 NAME = "compare_number_layers"
@@ -163,7 +149,7 @@ def memory_estimate(config):
     f8 = MAX_STACK_BYTES
     data = (config.n_train + config.n_valid + config.n_test) * (784 + 10) * f8
     P = max(num_params(s) for s in config.models)
-    hyper = hypernet_size("factorised", P, P, config.hidden) * f8 * 4
+    hyper = pwd.hypernet_size("factorised", P, P, config.hidden) * f8 * 4
     grid = len(config.search_lambdas) * P * f8 * 6
     width = max(max(s) for s in config.models)
     evals = max(config.n_valid, config.n_test) * width * f8 * 3
@@ -201,12 +187,12 @@ def start_weights(sizes, config):
     """Start weights w0 (P,) of every method, or None: fan-in init for models with hidden layers (a net of
     three layers of 1e-3-sized weights passes almost no signal), the hypernetwork's own output for 784-10."""
     if len(sizes) > 2 and config.fan_in_start:
-        return fan_in_init(sizes, np.random.RandomState(config.seed))
+        return pwd.fan_in_init(sizes, np.random.RandomState(config.seed))
     return None
 
 
 def alg3_settings(config):
-    return Alg3Settings(hypernet_kind="factorised", hidden=config.hidden, init_scale=config.init_scale,
+    return pwd.Alg3Settings(hypernet_kind="factorised", hidden=config.hidden, init_scale=config.init_scale,
                         init_lambda=config.init_lambda, algorithm=config.algorithm, n_samples=config.n_samples,
                         sample_sd=config.sample_sd, inner_steps=config.inner_steps, hypernet_step=config.step_size,
                         lambda_step=config.lambda_step, batch_size=config.batch_size,
@@ -220,7 +206,7 @@ class DecayGradient:
     The MSE part is per_weight_decay.MLPBackprop (hand-written backprop); the decay adds 2 exp(lambda) w."""
 
     def __init__(self, sizes, n_sets, batch_size):
-        self.net = MLPBackprop(sizes, n_sets, batch_size)
+        self.net = pwd.MLPBackprop(sizes, n_sets, batch_size)
         self.out = np.empty((n_sets, num_params(sizes)))
 
     def __call__(self, w, decay2, x, y):
@@ -242,19 +228,19 @@ def minibatch_into(streams, key, step, splits, batch_size):
 def make_hyper(sizes, splits, config):
     """(Alg3 initial state, step_fn, evaluate, settings, problem) of hyper-training one model."""
     P = num_params(sizes)
-    problem = HyperProblem(decay_objective(sizes), mse_loss(sizes), splits.train_x, splits.train_y,
+    problem = pwd.HyperProblem(pwd.decay_objective(sizes), pwd.mse_loss(sizes), splits.train_x, splits.train_y,
                            splits.valid_x, splits.valid_y, P, P)
-    settings, loss = alg3_settings(config), mse_loss(sizes)
-    state0 = init_alg3(problem, settings, config.seed, start_weights(sizes, config))
-    start = loss(current_weights(state0, settings), splits.valid_x, splits.valid_y)[0]
+    settings, loss = alg3_settings(config), pwd.mse_loss(sizes)
+    state0 = pwd.init_alg3(problem, settings, config.seed, start_weights(sizes, config))
+    start = loss(pwd.current_weights(state0, settings), splits.valid_x, splits.valid_y)[0]
 
     def evaluate(state):
-        w = current_weights(state, settings)
+        w = pwd.current_weights(state, settings)
         valid = loss(w, splits.valid_x, splits.valid_y)[0]
         check_divergence(valid, start, state.step, "hyper-training validation loss")
         return valid, loss(w, splits.test_x, splits.test_y)[0]
 
-    return state0, (lambda s, i: alg3_step(s, i, problem, settings, config.seed)), evaluate, settings, problem
+    return state0, (lambda s, i: pwd.alg3_step(s, i, problem, settings, config.seed)), evaluate, settings, problem
 
 
 # ------------------------------------------------------------------------------------------ control
@@ -262,14 +248,14 @@ def make_hyper(sizes, splits, config):
 def make_control(sizes, w0, splits, config):
     """(state, step_fn, evaluate) of plain training at lambda_hat_0: Adam (step_size) on MSE + sum exp(init_lambda)
     w^2 from w0 (P,), step i on the training minibatch of the hypernetwork's inner step i."""
-    P, loss = num_params(sizes), mse_loss(sizes)
+    P, loss = num_params(sizes), pwd.mse_loss(sizes)
     w = np.array(w0, dtype=float).reshape(1, P)
     decay2 = np.full(P, 2.0 * np.exp(config.init_lambda))
-    gradient, streams, scratch = DecayGradient(sizes, 1, config.batch_size), StepStreams(config.seed), np.empty(P)
+    gradient, streams, scratch = DecayGradient(sizes, 1, config.batch_size), pwd.StepStreams(config.seed), np.empty(P)
     start = loss(w, splits.valid_x, splits.valid_y)[0]
 
     def step_fn(adam, i):
-        x, y = minibatch_into(streams, STREAM_TRAIN_BATCH, i, splits, config.batch_size)
+        x, y = minibatch_into(streams, pwd.STREAM_TRAIN_BATCH, i, splits, config.batch_size)
         g = gradient(w, decay2, x, y)
         check_finite(g, i, "control gradient")
         return adam_inplace(w, g, adam, config.step_size, scratch)
@@ -290,11 +276,12 @@ def converge_grid(sizes, lams, splits, config, w0, log=print):
     checked, and a model whose best has not improved for search_patience checks stops (it leaves the stack, so
     its numbers equal a run of its own). Returns per model: valid (best), test (at the best), step (of the
     best), steps (run), converged (stopped by the rule, not by search_max_steps), weights (P,) at the best."""
-    K, P, loss = len(lams), num_params(sizes), mse_loss(sizes)
+    K, P, loss = len(lams), num_params(sizes), pwd.mse_loss(sizes)
     W = np.tile(np.asarray(w0, float), (K, 1))
     decay2 = 2.0 * np.exp(np.asarray(lams, float))[:, None] * np.ones(P)
     adam = adam_init(W)
-    gradient, streams, scratch = DecayGradient(sizes, K, config.batch_size), StepStreams(config.seed), np.empty(W.size)
+    gradient, streams = DecayGradient(sizes, K, config.batch_size), pwd.StepStreams(config.seed)
+    scratch = np.empty(W.size)
     active = np.arange(K)
     best = [dict(valid=np.inf, test=np.inf, step=0, steps=0, converged=False) for _ in range(K)]
     since = np.zeros(K, dtype=int)
@@ -390,7 +377,7 @@ class Checkpoints:
 
     def _save(self, state, seconds):
         if not any(c["step"] == state.step for c in self.saved):
-            kept = copy_state(state)
+            kept = pwd.copy_state(state)
             self.saved.append({"step": int(state.step), "seconds": float(seconds), "lam": kept.lam, "phi": kept.phi})
 
     def wrap(self, evaluate):
@@ -500,7 +487,7 @@ def run(config, data, log=print):
     for sizes, seconds, floor in zip(config.models, budgets(config), config.min_steps, strict=True):
         name, P = model_name(sizes), num_params(sizes)
         state0, step_fn, evaluate, settings, problem = make_hyper(sizes, splits, config)
-        w0 = current_weights(state0, settings)[0].copy()  # the start shared by the control and the search
+        w0 = pwd.current_weights(state0, settings)[0].copy()  # the start shared by the control and the search
         budget = Budget(seconds=seconds, iters=config.num_iters, eval_every=config.eval_every,
                         log_every=config.log_every)
         checkpoints = Checkpoints(checkpoint_steps(config, floor))
@@ -532,7 +519,7 @@ def run(config, data, log=print):
         summary["models"][name] = {
             "layer_sizes": list(sizes),
             "n_hyperparameters": P,
-            "hypernet_parameters": hypernet_size("factorised", P, P, config.hidden),
+            "hypernet_parameters": pwd.hypernet_size("factorised", P, P, config.hidden),
             "steps": steps,
             "hypernet_steps": steps * config.inner_steps,
             "seconds": float(curve.seconds[-1]),
@@ -624,66 +611,89 @@ def verdict_direction(summary):
     return value, "reproduced" if all(aligned) else ("partly" if any(aligned) else "refuted")
 
 
-CLAIMS = [
-    Claim(id="layers-deeper-lower", claim="Deeper models reach lower validation losses than the linear model",
-          paper="valid 0.039 / 0.013 / 0.0105 (Figure 5 bottom)",
-          evaluate=lambda s: (deeper_lower(s), "reproduced" if deeper_lower(s) > 0 else "not reproduced"),
-          fmt="{:.4f}", evidence="models.*.final_valid; compare_number_layers.pdf"),
-    Claim(id="layers-smaller-gap", claim="Deeper models have a smaller valid-test gap than the linear model",
-          paper="gap 0.0015 / 0.001 / 0.0005",
-          evaluate=lambda s: (gap_margin(s), "reproduced" if gap_margin(s) > 0 else "not reproduced"),
-          fmt="{:.4f}", evidence="models.*.final_valid, models.*.final_test; compare_number_layers.pdf"),
-    Claim(id="layers-beat-hand-tuned",
-          claim="Hyper-trained deeper models beat a hand-tuned global decay (trained to convergence)",
-          paper="0.013 vs 0.0137, 0.0105 vs 0.0129",
-          evaluate=verdict_beats_hand, fmt="{:.4f}",
-          evidence="models.*.final_valid_minus_hand_tuned_valid; compare_number_layers.pdf (dotted lines)"),
-    Claim(id="layers-tunes-lambda",
-          claim="Hyper-training tunes lambda: it ends below plain training at lambda_hat_0, of equal length and "
-                "converged",
-          paper="implied (the curves are presented as hyper-training)",
-          evaluate=verdict_tunes, fmt="{:.5f}",
-          evidence="models.*.control_valid_minus_final_valid, models.*.hand_tuned.start_lambda_valid; "
-                   "compare_number_layers.pdf (thin lines)"),
-    Claim(id="layers-direction",
-          claim="Hyper-training's lambda step follows the true hypergradient on the deeper models",
-          paper="implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (Figure 5 bottom)",
-          evaluate=verdict_direction,
-          evidence="models.*.diagnostics.cosine_mean (implicit differentiation at w*(lambda_hat)); "
-                   "compare_number_layers_diagnostics.pdf (top row)"),
-]
+def verdict_deeper_lower(summary):
+    """(linear model's final validation MSE minus the worst deeper model's, verdict)."""
+    value = deeper_lower(summary)
+    return value, "reproduced" if value > 0 else "not reproduced"
+
+
+def verdict_smaller_gap(summary):
+    """(linear model's valid-test gap minus the largest deeper model's, verdict)."""
+    value = gap_margin(summary)
+    return value, "reproduced" if value > 0 else "not reproduced"
+
+
+CLAIMS = common.claims(globals(), """
+    id: layers-deeper-lower
+    claim: Deeper models reach lower validation losses than the linear model
+    paper: valid 0.039 / 0.013 / 0.0105 (Figure 5 bottom)
+    evaluate: verdict_deeper_lower
+    fmt: {:.4f}
+    evidence: models.*.final_valid; compare_number_layers.pdf
+
+    id: layers-smaller-gap
+    claim: Deeper models have a smaller valid-test gap than the linear model
+    paper: gap 0.0015 / 0.001 / 0.0005
+    evaluate: verdict_smaller_gap
+    fmt: {:.4f}
+    evidence: models.*.final_valid, models.*.final_test; compare_number_layers.pdf
+
+    id: layers-beat-hand-tuned
+    claim: Hyper-trained deeper models beat a hand-tuned global decay (trained to convergence)
+    paper: 0.013 vs 0.0137, 0.0105 vs 0.0129
+    evaluate: verdict_beats_hand
+    fmt: {:.4f}
+    evidence: models.*.final_valid_minus_hand_tuned_valid; compare_number_layers.pdf (dotted lines)
+
+    id: layers-tunes-lambda
+    claim: Hyper-training tunes lambda: it ends below plain training at lambda_hat_0, of equal length and
+      converged
+    paper: implied (the curves are presented as hyper-training)
+    evaluate: verdict_tunes
+    fmt: {:.5f}
+    evidence: models.*.control_valid_minus_final_valid, models.*.hand_tuned.start_lambda_valid;
+      compare_number_layers.pdf (thin lines)
+
+    id: layers-direction
+    claim: Hyper-training's lambda step follows the true hypergradient on the deeper models
+    paper: implied: Algorithm 3's lambda step descends L_V(w*(lambda)) (Figure 5 bottom)
+    evaluate: verdict_direction
+    evidence: models.*.diagnostics.cosine_mean (implicit differentiation at w*(lambda_hat));
+      compare_number_layers_diagnostics.pdf (top row)
+""")
+
+MODEL_WORDS = ("One", "Two", "Three")  # macro infix of the models, in MODELS order
 
 
 def tex_numbers(summary):
     """Numbers the paper text quotes from this experiment (macro name -> LaTeX)."""
     out = {}
-    for word, (name, m) in zip(("One", "Two", "Three"), summary["models"].items(), strict=False):
-        h, c = m["hand_tuned"], m["control"]
-        out.update({
-            f"Layers{word}Name": name,
-            f"Layers{word}NumHypers": texfmt.integer(m["n_hyperparameters"]),
-            f"Layers{word}Seconds": texfmt.seconds(m["seconds"]),
-            f"Layers{word}Steps": texfmt.integer(m["steps"]),
-            f"Layers{word}FinalValid": texfmt.mse(m["final_valid"]),
-            f"Layers{word}FinalTest": texfmt.mse(m["final_test"]),
-            f"Layers{word}HandValid": texfmt.mse(h["best_valid"]),
-            f"Layers{word}HandTest": texfmt.mse(h["best_test"]),
-            f"Layers{word}HandLambda": texfmt.conf(h["best_lambda"]),
-            f"Layers{word}ControlValid": texfmt.mse(c["final_valid"]),
-            f"Layers{word}ControlTest": texfmt.mse(c["final_test"]),
-            f"Layers{word}LambdaMoved": texfmt.significant(m["lambda_moved_rms"], 2),
-        })
-        d = m.get("diagnostics")
-        if d is not None:  # results from before the diagnostics have none
-            out.update({
-                f"Layers{word}Cosine": texfmt.fixed(d["cosine_mean"], 3),
-                f"Layers{word}CosineStart": texfmt.fixed(d["cosine_start"], 3),
-                f"Layers{word}CosineFinal": texfmt.fixed(d["cosine_final"], 3),
-                f"Layers{word}LambdaMovedMax": texfmt.significant(d["lambda_shift"]["max_abs"], 2),
-                f"Layers{word}DiagSeconds": texfmt.seconds(d["cpu_seconds"]),
-            })
-            if "cg_residual_max" in d:
-                out[f"Layers{word}CGResidual"] = texfmt.significant(d["cg_residual_max"], 2)
+    for word, (name, m) in zip(MODEL_WORDS, summary["models"].items(), strict=False):
+        prefix = TEX_PREFIX + word
+        out[prefix + "Name"] = name
+        out |= texfmt.macros(prefix, m, """
+            NumHypers     integer       n_hyperparameters
+            Seconds       seconds       seconds
+            Steps         integer       steps
+            FinalValid    mse           final_valid
+            FinalTest     mse           final_test
+            HandValid     mse           hand_tuned.best_valid
+            HandTest      mse           hand_tuned.best_test
+            HandLambda    conf          hand_tuned.best_lambda
+            ControlValid  mse           control.final_valid
+            ControlTest   mse           control.final_test
+            LambdaMoved   significant2  lambda_moved_rms
+        """)
+        if "diagnostics" in m:  # results from before the diagnostics have none
+            out |= texfmt.macros(prefix, m["diagnostics"], """
+                Cosine         fixed3        cosine_mean
+                CosineStart    fixed3        cosine_start
+                CosineFinal    fixed3        cosine_final
+                LambdaMovedMax significant2  lambda_shift.max_abs
+                DiagSeconds    seconds       cpu_seconds
+            """)
+            if "cg_residual_max" in m["diagnostics"]:
+                out[prefix + "CGResidual"] = texfmt.significant(m["diagnostics"]["cg_residual_max"], 2)
     return out
 
 

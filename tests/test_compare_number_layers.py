@@ -14,7 +14,7 @@ import compare_number_layers as layers
 import references
 from data_loader import small_splits
 from neural_network import num_params
-from per_weight_decay import decay_objective, fan_in_init
+from per_weight_decay import decay_objective, fan_in_init, mse_loss
 
 TINY = dataclasses.replace(layers.Config(), **layers.QUICK)
 SIZES = (784, 8, 6, 10)
@@ -149,7 +149,7 @@ def test_control_is_plain_training_on_the_hypernetworks_minibatches(splits):
                          step_rng(config.seed, i, STREAM_TRAIN_BATCH))
         w, adam = adam_textbook(w, g_fn(w, x, y), adam, config.step_size)
     valid, _ = evaluate(state)
-    assert valid == pytest.approx(layers.mse_loss(SIZES)(w, splits.valid_x, splits.valid_y)[0], rel=1e-9)
+    assert valid == pytest.approx(mse_loss(SIZES)(w, splits.valid_x, splits.valid_y)[0], rel=1e-9)
 
 
 def summary_with(hyper, control, converged_start, hand=0.02):
