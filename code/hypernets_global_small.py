@@ -135,11 +135,7 @@ def run(config, data):
     """Cross-validation baseline, then Adam on the hypernetwork; returns (summary, arrays)."""
     wall0 = time.perf_counter()
     splits = se.splits_of(data)
-    cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
-                           se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
-                           config.init_scale, config.seed, config.cv_step_size, config.cv_iters, config.gradients)
-    print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
-          f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - wall0:.1f} s)", flush=True)
+    cv = se.cross_validate_config(splits, config)
 
     trained = train_hypernet(config, splits)
     hyper = se.global_params_list(trained.problem, trained.params)

@@ -167,11 +167,7 @@ def run(config, data):
     """Cross-validation baseline, then joint optimisation of the hypernetwork and lambda_hat; (summary, arrays)."""
     wall0 = time.perf_counter()
     splits = se.splits_of(data)
-    cv = se.cross_validate(splits, se.grid(config.cv_lo, config.cv_hi, config.cv_count),
-                           se.grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
-                           config.init_scale, config.seed, config.cv_step_size, config.cv_iters, config.gradients)
-    print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
-          f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - wall0:.1f} s)", flush=True)
+    cv = se.cross_validate_config(splits, config)
 
     joint = optimise_jointly(config, splits)
     params, trajectory, objectives, valid_losses = joint.params, joint.trajectory, joint.objectives, joint.valid_losses

@@ -10,6 +10,7 @@ Hot loops (issue 13; benchmark.py times them): global_step / global_step_referen
 local_step / local_step_reference (LocalProblem): hand-written gradients with preallocated buffers, and the
 autograd versions they equal to 1e-9. Each takes (problem, flat params, ...) and overwrites the parameters.
 """
+import time
 from typing import NamedTuple
 
 import autograd.numpy as anp
@@ -173,6 +174,18 @@ def cross_validate(splits: Splits, cv_lambdas, sweep_lambdas, init_scale, seed, 
     test = evaluate_loss(weights[:n], splits.test_x, splits.test_y)
     return CVResult(cv_lambdas, train, valid[:n], test, sweep_lambdas, valid[n:],
                     parabola_argmin(sweep_lambdas, valid[n:]))
+
+
+def cross_validate_config(splits, config):
+    """cross_validate with a small script's Config (cv_lo/cv_hi/cv_count grid, sweep grid, cv_step_size,
+    cv_iters, init_scale, seed, gradients); prints one summary line."""
+    start = time.perf_counter()
+    cv = cross_validate(splits, grid(config.cv_lo, config.cv_hi, config.cv_count),
+                        grid(config.sweep_lo, config.sweep_hi, config.sweep_size),
+                        config.init_scale, config.seed, config.cv_step_size, config.cv_iters, config.gradients)
+    print(f"cross-validation: {config.cv_count} + {config.sweep_size} models x {config.cv_iters} steps, "
+          f"lambda* = {cv.lambda_star:.3f}  ({time.perf_counter() - start:.1f} s)", flush=True)
+    return cv
 
 
 def interpolate(xs, ys, x):
