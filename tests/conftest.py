@@ -29,3 +29,13 @@ def synthetic():
     from data_loader import synthetic_mnist
 
     return synthetic_mnist()
+
+
+def assert_one_line_error(code, err, expected_code, out_dir=None, contains=()):
+    """A failed run: exit code expected_code, stderr one 'error: ...' line holding every text of contains, and
+    (when out_dir is given) no results folder written."""
+    assert code == expected_code, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert all(text in err for text in contains), err
+    if out_dir is not None:
+        assert not (out_dir / "results").exists()

@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 import common
 import compare_number_layers as layers
 import references
+from conftest import assert_one_line_error
 from data_loader import small_splits
 from neural_network import num_params
 from per_weight_decay import decay_objective, fan_in_init, mse_loss
@@ -223,13 +224,10 @@ def test_budget_is_extended_to_the_step_floor(tmp_path, capsys):
                                   ["--paper-budgets", "--seconds", "1,1,1"], ["--seconds", "1e-9,1e-9,1e-9"],
                                   ["--seed", str(2**32)], ["--diag-checkpoints", "1"], ["--diag-cg-iters", "0"]])
 def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
-    code, out, err = run(capsys, "--out-dir", str(tmp_path), *argv)
-    assert code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1
-    assert not (tmp_path / "results").exists()
+    code, _, err = run(capsys, "--out-dir", str(tmp_path), *argv)
+    assert_one_line_error(code, err, 2, tmp_path)
 
 
 def test_divergence_stops_the_run_with_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "--quick", "--iters", "3", "--step-size", "1e6", "--out-dir", str(tmp_path))
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "diverged" in err
-    assert not (tmp_path / "results").exists()
+    assert_one_line_error(code, err, 1, tmp_path, contains=("diverged",))

@@ -7,14 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 import common
 import compare_number_layers as layers
 import references as R
 from data_loader import Splits
+from large_fixtures import one_blas_thread  # noqa: F401  (autouse fixture: one BLAS thread)
 from per_weight_decay import Alg3Settings, HyperProblem, decay_objective, mse_loss
-from test_references import MLP, P_MLP, hidden_preactivations, newton, teacher_data
+from test_references import MLP, P_MLP, newton, teacher_data, tiny_mlp_problem
 
 TINY = dataclasses.replace(layers.Config(), **layers.QUICK)
 # tight settings for the tiny MLP: L-BFGS as far as it goes (|gradient| ~1e-8), CG to rounding
@@ -22,25 +22,11 @@ TIGHT = dataclasses.replace(TINY, diag_lbfgs_evals=5000, diag_refine_evals=5000,
                             diag_cg_tol=1e-13)
 
 
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with threadpool_limits(limits=1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """Splits of a smooth tiny-MLP problem (teacher data, test_references), lambda (P,), w*(lambda) to 1e-12."""
     rs = np.random.RandomState(3)
-    teacher = rs.randn(P_MLP)
-    teacher[24:28] = rs.randn(4)
-    xt, yt = teacher_data(rs, teacher, 40)
-    xv, yv = teacher_data(rs, teacher, 30)
-    lam = rs.uniform(-6.0, -3.0, P_MLP)
-    train = R.MLPObjective(MLP, xt, yt, lam)
-    w, _ = R.minimise_objective(train, teacher + 0.05 * rs.randn(P_MLP), gtol=1e-10, max_evals=3000)
-    w, grad_max = newton(train, w)
-    assert grad_max < 1e-12 and np.min(np.abs(hidden_preactivations(w, xt))) > 1e-2
+    teacher, xt, yt, xv, yv, lam, w = tiny_mlp_problem(rs)
     xs, ys = teacher_data(rs, teacher, 20)
     return Splits(xt, yt, xv, yv, xs, ys), lam, w
 

@@ -341,10 +341,9 @@ def newton(objective, w, tol=1e-13, max_iter=30):
     return w, float(np.max(np.abs(objective.value_and_grad(w)[1])))
 
 
-@pytest.fixture(scope="module")
-def tiny_mlp():
-    """(train x, y, valid x, y, lam (P,), w*(lam) converged to |gradient| < 1e-12). Seed 3: a smooth minimum."""
-    rs = np.random.RandomState(3)
+def tiny_mlp_problem(rs):
+    """(teacher weights, train x, y, valid x, y, lam (P,), w*(lam) converged to |gradient| < 1e-12), drawn from rs.
+    With RandomState(3) the minimum is smooth (no training input on a ReLU kink)."""
     teacher = rs.randn(P_MLP)
     teacher[N_HIDDEN_W:N_HIDDEN_W + MLP[1]] = rs.randn(MLP[1])  # hidden biases of order 1
     xt, yt = teacher_data(rs, teacher, 40)
@@ -355,7 +354,13 @@ def tiny_mlp():
     w, grad_max = newton(train, w)
     assert grad_max < 1e-12
     assert np.min(np.abs(hidden_preactivations(w, xt))) > 1e-2  # the precondition: no input on a kink
-    return xt, yt, xv, yv, lam, w
+    return teacher, xt, yt, xv, yv, lam, w
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp():
+    """(train x, y, valid x, y, lam (P,), w*(lam)) of tiny_mlp_problem at seed 3."""
+    return tiny_mlp_problem(np.random.RandomState(3))[1:]
 
 
 def autograd_objective(sizes, lam, x, y):
