@@ -14,7 +14,7 @@ Seeds: the ground truth depends on --gt-seed only and is cached in <repo>/cache/
 hash of its settings and of the data, with a SHA-256 of its arrays; ~9 min on 2 cores to rebuild). --seed
 varies the surrogates over that one ground truth: the GP's restarts, the hypernetworks' initialisation and
 minibatches, model C's sampled lambdas, and (with --train-tuples drawn) which tuples train the surrogates.
-`make seeds` therefore costs surrogates only. Ground-truth workers (--jobs) are forked processes that die
+`make seeds` therefore costs surrogates only. Ground-truth workers (--jobs) are forked processes (forked.py) that die
 with the parent however it ends (SIGKILL included) and use no temporary files. --scheduler ADDRESS (or
 --backend dask with it) trains the ground-truth chunks on that dask.distributed cluster instead (scaleout.py:
 the training data sent once per worker, the losses bit-identical to --jobs 1, tests/test_scaleout.py).
@@ -24,9 +24,7 @@ import io
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 import zipfile
@@ -38,9 +36,11 @@ import numpy as np
 from scipy.linalg import blas  # loaded at import, so that a caller's BLAS thread limit also covers scipy's BLAS
 
 import common
+import forked
 import scaleout
 import texfmt
 from common import Claim, ExperimentError, atomic_write_bytes, check_divergence, check_finite, setting, step_rng
+from forked import available_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_TOKEN = "<repo>"             # cache_dir may start with it: the repository's root folder
@@ -57,7 +57,6 @@ MODELS = ("gp", "hypernet_fixed", "hypernet_stochastic")
 STREAM_GT, STREAM_FIXED, STREAM_STOCHASTIC, STREAM_TUPLES = 61, 62, 63, 64
 CACHE_VERSION = 2  # bump when the ground-truth computation changes (2: BLAS axpy in Adam)
 CACHE_SLACK_BYTES = 1 << 20       # a cache file may exceed its arrays' size by this much (metadata, zip headers)
-PARENT_POLL_SECONDS = 0.5         # a ground-truth worker checks this often that its parent is alive
 GT_CHECK_EVERY = 100              # ground-truth steps between divergence checks
 
 
@@ -400,145 +399,12 @@ def ground_truth_chunk_losses(lambdas, train_x, train_y, gram, config, chunk_ind
 
 # ------------------------------------------------------------------- ground truth: worker processes
 
-def _die_with_parent(parent_pid):
-    """Worker side: exit as soon as the parent is gone, whatever ended it (SIGKILL included)."""
-    try:  # Linux: the kernel sends SIGKILL to this process when its parent exits
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-    def poll():  # everywhere: a thread watching the parent's pid (we are re-parented when it dies)
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_SECONDS)
-        os._exit(1)
-    threading.Thread(target=poll, daemon=True).start()
-
-
-def _worker_loop(conn, parent_pid, work):
-    """Body of a forked worker: run work(task) for each task received, send back ("ok"|"error", task, ...)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group; the parent stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handler, inherited through fork
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _die_with_parent(parent_pid)
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        try:
-            reply = ("ok", task, work(task))
-        except common.DivergenceError as err:
-            reply = ("diverged", task, str(err))
-        except ExperimentError as err:
-            reply = ("error", task, str(err))
-        except MemoryError:
-            reply = ("error", task, "out of memory in a ground-truth worker; try --jobs 1 or a smaller --chunk-size")
-        except Exception as err:  # noqa: BLE001  anything else: reported by the parent as one line
-            reply = ("error", task, f"{type(err).__name__}: {err}")
-        conn.send(reply)
-
-
-class ForkedWorkers:
-    """n forked processes that run work(task) (work and its data are inherited by fork: nothing is pickled but
-    the task and its result, and nothing is written to disk or /dev/shm). Use as a context manager; on leaving
-    it, by any exception or signal, every worker is killed and reaped."""
+class ForkedWorkers(forked.ForkedWorkers):
+    """The ground truth's worker processes (forked.ForkedWorkers, named as such in its errors)."""
 
     def __init__(self, n, work):
-        from multiprocessing.connection import Pipe
-
-        self.workers = []  # (pid, connection)
-        parent = os.getpid()
-        blocked = {signal.SIGINT, signal.SIGTERM}
-        for _ in range(n):
-            ours, theirs = Pipe()
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # no signal between fork and bookkeeping
-            try:
-                pid = os.fork()
-            except OSError as err:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-                ours.close()
-                theirs.close()
-                started = len(self.workers)
-                self.close()
-                raise ExperimentError(f"cannot start ground-truth worker {started + 1} of {n} "
-                                      f"({err.strerror}); try --jobs 1") from None
-            if pid == 0:  # the worker
-                status = 0
-                try:
-                    ours.close()
-                    _worker_loop(theirs, parent, work)
-                except BaseException:  # noqa: BLE001
-                    status = 1
-                finally:
-                    os._exit(status)
-            theirs.close()
-            self.workers.append((pid, ours))
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    def close(self):
-        """Kill and reap every worker (idempotent)."""
-        workers, self.workers = self.workers, []
-        for pid, conn in workers:
-            conn.close()
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid, _ in workers:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-
-    def run(self, tasks):
-        """Yield (task, result) as the workers finish them (any order); a worker's failure raises it here."""
-        from multiprocessing.connection import wait
-
-        pending, busy = list(tasks)[::-1], {}
-        for pid, conn in self.workers:
-            if pending:
-                task = pending.pop()
-                conn.send(task)
-                busy[conn] = (pid, task)
-        while busy:
-            for conn in wait(list(busy)):
-                pid, task = busy.pop(conn)
-                try:
-                    kind, done, *payload = conn.recv()
-                except (EOFError, OSError):
-                    raise ExperimentError(f"ground-truth worker {pid} died while training chunk {task} "
-                                          "(killed, or out of memory?)") from None
-                if kind == "diverged":
-                    raise common.DivergenceError(payload[0])
-                if kind != "ok":
-                    raise ExperimentError(f"ground-truth worker failed on chunk {done}: {payload[0]}")
-                if pending:
-                    nxt = pending.pop()
-                    conn.send(nxt)
-                    busy[conn] = (pid, nxt)
-                yield done, payload[0]
-
-
-def available_cpus():
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        super().__init__(n, work, role="ground-truth worker", describe="chunk {}".format,
+                         hint="try --jobs 1 or a smaller --chunk-size")
 
 
 def effective_jobs(jobs, n_chunks, log_note=None):

@@ -197,7 +197,7 @@ def test_jobs_capped_at_cpus_and_chunks_with_one_note(splits, capsys, monkeypatc
 
 
 def test_worker_failures_are_one_line_errors():
-    with pytest.raises(ExperimentError, match="died while training chunk"):
+    with pytest.raises(ExperimentError, match="died while working on chunk"):
         with lvt.ForkedWorkers(2, lambda task: os.kill(os.getpid(), signal.SIGKILL)) as workers:
             list(workers.run(range(4)))
     with pytest.raises(DivergenceError, match="not finite"):
