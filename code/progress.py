@@ -13,9 +13,11 @@ LINE_INTERVAL = 10.0  # seconds between plain progress lines when the output is 
 
 
 class Progress:
-    """A progress counter over `total` units (None: unknown), shown on stream (default stderr)."""
+    """A progress counter over `total` units (None: unknown), shown on stream (default stderr); position: the
+    bar's row when several bars are shown at once (plain lines carry desc instead)."""
 
-    def __init__(self, total=None, desc="", unit="step", stream=None, interval=LINE_INTERVAL, enabled=True):
+    def __init__(self, total=None, desc="", unit="step", stream=None, interval=LINE_INTERVAL, enabled=True,
+                 position=None):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.stream = sys.stderr if stream is None else stream
         self.n, self.start = 0, time.perf_counter()
@@ -28,7 +30,7 @@ class Progress:
                 tqdm = None
             if tqdm is not None:
                 self._bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, dynamic_ncols=True,
-                                 leave=False)
+                                 leave=False, position=position)
 
     def __enter__(self):
         return self

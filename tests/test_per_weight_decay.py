@@ -1,13 +1,10 @@
 """per_weight_decay on small synthetic data: splits, objectives, in-place Adam, hand-written hypernetwork
-backprop against autograd, Algorithm 3/4, the budgeted and interleaved loops."""
-import time
-
+backprop against autograd, Algorithm 3/4."""
 import autograd.numpy as anp
 import numpy as np
 import pytest
 from autograd import grad
 
-import budget
 import per_weight_decay as pwd
 from common import step_rng
 from data_loader import synthetic_mnist
@@ -106,76 +103,6 @@ def test_joint_and_simplified_differ(splits):
         state = pwd.init_alg3(problem, settings, 0)
         lams.append(pwd.alg3_step(state, 0, problem, settings, 0).phi[0][0].copy())
     assert not np.allclose(*lams)
-
-
-def busy(seconds):
-    """Burn `seconds` of CPU time in this process."""
-    end = time.process_time() + seconds
-    while time.process_time() < end:
-        pass
-
-
-def test_budgeted_loop_counts_steps_and_excludes_evaluation():
-    slow_eval = lambda s: (busy(0.05), (1.0 / (s + 1), 2.0))[1]
-    state, curve = budget.run_budgeted(0, lambda s, i: s + 1, slow_eval, budget.Budget(iters=7, eval_every=3,
-                                                                                 log_every=100), log=None)
-    assert state == 7 and curve.step.tolist() == [0, 3, 6, 7]
-    assert curve.seconds[-1] < 0.05              # evaluations (0.05 s of CPU each) are off the clock
-    assert budget.time_to_reach(curve, 0.2) == curve.seconds[2] and budget.time_to_reach(curve, 0.01) is None
-    with pytest.raises(ValueError):
-        budget.Budget()
-
-
-def test_method_clock_counts_cpu_seconds_and_records_wall_seconds():
-    """Sleeping (a busy machine: the process waits) moves the wall clock, not the method clock."""
-    def step(s, i):
-        time.sleep(0.02)    # waiting: wall time only
-        busy(0.01)          # working: CPU time
-        return s + 1
-    _, curve = budget.run_budgeted(0, step, lambda s: (1.0, 1.0), budget.Budget(iters=5, eval_every=1), log=None)
-    assert curve.wall_seconds.shape == curve.seconds.shape == (6,)
-    assert 0.05 <= curve.seconds[-1] < 0.09                  # 5 x 0.01 s of CPU
-    # + 5 x 0.02 s asleep; the margin allows for CPU that other threads of the test process (workers' parent
-    # watchers, BLAS) add to process_time while this one sleeps
-    assert curve.wall_seconds[-1] >= 0.1 and curve.wall_seconds[-1] - curve.seconds[-1] >= 0.05
-    assert np.all(np.diff(curve.seconds) > 0) and np.all(np.diff(curve.wall_seconds) > 0)
-    # a seconds budget stops on CPU time: 0.05 s of CPU takes about 5 steps however long they sleep
-    _, timed = budget.run_budgeted(0, step, lambda s: (1.0, 1.0), budget.Budget(seconds=0.05, eval_every=1), log=None)
-    assert 5 <= timed.step[-1] <= 6
-
-
-def test_iters_budget_is_bit_reproducible(splits):
-    problem = small_problem(splits)
-    settings = pwd.Alg3Settings(inner_steps=2)
-    loss = pwd.mse_loss((784, 10))
-
-    def go():
-        state = pwd.init_alg3(problem, settings, 4)
-        evaluate = lambda s: (loss(pwd.current_weights(s, settings), splits.valid_x, splits.valid_y)[0],
-                              loss(pwd.current_weights(s, settings), splits.test_x, splits.test_y)[0])
-        return budget.run_budgeted(state, lambda s, i: pwd.alg3_step(s, i, problem, settings, 4), evaluate,
-                                budget.Budget(iters=5, eval_every=2), log=None)
-    (s1, c1), (s2, c2) = go(), go()
-    assert c1.step.tolist() == c2.step.tolist() == [0, 2, 4, 5]
-    assert c1.valid.tobytes() == c2.valid.tobytes() and c1.test.tobytes() == c2.test.tobytes()
-    assert s1.lam.tobytes() == s2.lam.tobytes()
-
-
-def test_interleaved_runs_alternate_by_method_time():
-    order = []
-
-    def stepper(tag):
-        def step(s, i):
-            order.append(tag)
-            busy(0.01)
-            return s + 1
-        return step
-    runs = [budget.BudgetedRun(0, stepper(t), lambda s: (1.0, 1.0), budget.Budget(seconds=0.1, eval_every=5,
-                                                                            log_every=100), t, None) for t in "ab"]
-    budget.run_interleaved(runs, 0.03)
-    assert all(r.finished for r in runs)
-    first_b = order.index("b")
-    assert 0 < first_b < len(order) - 1 and "a" in order[first_b:]   # a ran again after b started
 
 
 # ------------------------------------------------------- hand-written step against the autograd reference
