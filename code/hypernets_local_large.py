@@ -24,7 +24,11 @@ lambda_hat, antithetic pairs, 1 or 50 hypernetwork steps per lambda step, larger
 all of them at once; no setting made hyper-training tune lambda (its results' tuning_variants is empty; every
 mean cosine within +-0.01), so there is no tuned preset to offer.
 
-    python hypernets_local_large.py [--seconds 75] [--iters N] [--valid-block 1] [--paper-budgets] [--quick]
+The methods' clocks are independent (CPU seconds of the process doing the work), so by default each method
+runs in its own forked process, one per CPU (--jobs 1: all three in this process, in alternating slices; an
+--iters budget gives the same bits either way).
+
+    python hypernets_local_large.py [--seconds 75] [--iters N] [--jobs N] [--valid-block 1] [--paper-budgets]
 """
 import os
 import sys
@@ -35,7 +39,7 @@ import numpy as np
 import common
 import references as refs
 import unrolled
-from budget import Budget, BudgetedRun, run_interleaved, time_to_reach
+from budget import Budget, BudgetedRun, default_jobs, run_methods, time_to_reach
 from common import Claim, ExperimentError, setting
 from neural_network import num_params
 from per_weight_decay import (
@@ -81,8 +85,10 @@ class Config:
     # --seconds (default on when the environment sets PAPER_BUDGETS=1)
     iters: int | None = setting(None, lo=1)              # fixed number of outer steps per method instead of a time
     # budget: bit-reproducible numbers (our choice)
-    slice_seconds: float = setting(10.0, lo=0, lo_open=True)  # the methods alternate in slices of this much
-    # method time (our choice; only the order of the work and of the log lines)
+    slice_seconds: float = setting(10.0, lo=0, lo_open=True)  # with --jobs 1 the methods alternate in slices of
+    # this much method time (our choice; only the order of the work and of the log lines)
+    jobs: int = setting(0, lo=0)                         # processes, one method each (issue 13: the clocks are
+    # independent); 0 = one per method, at most one per CPU; 1 = all in this process, interleaved
     block: int = setting(10000, lo=10)                   # images per block: train = training images of block 0,
     # valid = those of block --valid-block (SPEC section 7: 10,000 each)
     valid_block: int = setting(1, lo=1, hi=5)            # which training-set block is the validation set (split
@@ -141,6 +147,21 @@ def validate(config):
 def budget_seconds(config):
     """The CPU-second budget of each method: the paper's with --paper-budgets, else --seconds."""
     return PAPER_SECONDS if config.paper_budgets else config.seconds
+
+
+def resolve_jobs(config, n_methods):
+    """Processes to run the n_methods methods in: --jobs, or with 0 one per method, at most one per CPU."""
+    return min(config.jobs, n_methods) if config.jobs else default_jobs(n_methods)
+
+
+def parallel_summary(runs, jobs):
+    """How the methods ran: jobs processes; with jobs > 1 each method's process's CPU and wall seconds
+    (evaluations and diagnostics included; the parent's provenance cpu_seconds does not count them)."""
+    out = {"jobs": int(jobs), "mode": "parallel processes" if jobs > 1 else "one process, interleaved slices"}
+    if jobs > 1:
+        out["process_cpu_seconds"] = {r.name: round(r.child_seconds[0], 3) for r in runs}
+        out["process_wall_seconds"] = {r.name: round(r.child_seconds[1], 3) for r in runs}
+    return out
 
 
 # ---------------------------------------------------------------------------------- unrolled baseline
@@ -231,6 +252,19 @@ def diagnosed(evaluate, diag, every):
     return wrapped, runs.append
 
 
+def final_diagnostic(diags):
+    """run_methods' finish: a last diagnostic at the run's final state (if not taken there yet); returns the
+    rows of diags[run.name] (so they come back from a parallel process); None for runs without diagnostics."""
+    def finish(run):
+        diag = diags.get(run.name)
+        if diag is None:
+            return None
+        if not diag.rows or diag.rows[-1][0] != run.state.step:
+            diag.record(run.state.lam, run.state.step, run.elapsed, run.state)
+        return diag.rows
+    return finish
+
+
 def split_sensitivity(data, ridge, lam0, blocks, config):
     """The fixed-lambda reference scored with each training-set block as the validation set (train = block 0):
     list of {block, valid, test, gap = valid - test} (references.split_sensitivity at this run's sizes)."""
@@ -309,11 +343,11 @@ def run(config, data):
         runs[method] = BudgetedRun(state, step, evaluate, Budget(seconds, config.iters, eval_every, log_every),
                                    method, print)
         attach(runs[method])
-    curves = dict(zip(METHODS, run_interleaved([runs[m] for m in METHODS], config.slice_seconds), strict=True))
-    for method in METHODS:  # a final diagnostic at the last state
-        r = runs[method]
-        if diags[method].rows[-1][0] != r.state.step:
-            diags[method].record(r.state.lam, r.state.step, r.elapsed, r.state)
+    jobs = resolve_jobs(config, len(METHODS))
+    curves = dict(zip(METHODS, run_methods([runs[m] for m in METHODS], jobs, config.slice_seconds,
+                                           final_diagnostic(diags)), strict=True))
+    for method in METHODS:  # the diagnostics recorded where the method ran
+        diags[method].rows = runs[method].extra
 
     summary = {
         "n_hyperparameters": P,
@@ -323,6 +357,7 @@ def run(config, data):
         "reference": {"lambda": config.init_lambda, **reference},
         "split_sensitivity": sensitivity,
         "steps_committed_run": COMMITTED_STEPS,
+        "parallel": parallel_summary([runs[m] for m in METHODS], jobs),
     }
     arrays = {}
     for method in METHODS:
@@ -453,6 +488,7 @@ def tex_numbers(summary):
 def report(summary):
     """The headline numbers of a run."""
     ref = summary["reference"]
+    print(f"methods ran in {summary['parallel']['jobs']} process(es): {summary['parallel']['mode']}")
     print(f"fixed-lambda reference (closed form at lambda = {ref['lambda']}): valid {ref['valid']:.5f} "
           f"test {ref['test']:.5f}")
     for method in METHODS:

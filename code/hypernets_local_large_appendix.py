@@ -16,9 +16,13 @@ are the same). Each method gets the same budget of CPU seconds of its own work:
   so far and the test loss of that best sample.
 
 Also drawn: the fixed-lambda reference (the closed form at lambda_hat_0) as a thin line; recorded with it are
-hyper-training's diagnostics (cosine with the exact hypergradient, ||lambda_hat - lambda_hat_0||).
+hyper-training's diagnostics (cosine with the exact hypergradient, ||lambda_hat - lambda_hat_0||), drawn in the
+companion figure hypernets_local_large_appendix_diagnostics.
 
-    python hypernets_local_large_appendix.py [--seconds 60] [--iters N] [--paper-budgets] [--quick]
+By default each method runs in its own forked process, one per CPU (--jobs 1: both in this process, in
+alternating slices; an --iters budget gives the same bits either way).
+
+    python hypernets_local_large_appendix.py [--seconds 60] [--iters N] [--jobs N] [--paper-budgets] [--quick]
 """
 import os
 import sys
@@ -30,7 +34,7 @@ import numpy as np
 import common
 import hypernets_local_large as large
 import references as refs
-from budget import Budget, BudgetedRun, run_interleaved, time_to_reach
+from budget import Budget, BudgetedRun, run_methods, time_to_reach
 from common import Claim, ExperimentError, check_finite, setting, step_rng
 from neural_network import LOG_SIGMA_CONST, num_params
 from per_weight_decay import hypernet_size
@@ -67,8 +71,10 @@ class Config:
     # --seconds (default on when the environment sets PAPER_BUDGETS=1)
     iters: int | None = setting(None, lo=1)              # fixed number of steps per method (lambda_hat steps,
     # random-search samples) instead of a time budget: bit-reproducible numbers
-    slice_seconds: float = setting(10.0, lo=0, lo_open=True)  # the methods alternate in slices of this much
-    # method time (only the order of the work)
+    slice_seconds: float = setting(10.0, lo=0, lo_open=True)  # with --jobs 1 the methods alternate in slices of
+    # this much method time (only the order of the work)
+    jobs: int = setting(0, lo=0)                         # processes, one method each (as hypernets_local_large);
+    # 0 = one per method, at most one per CPU; 1 = both in this process, interleaved
     block: int = setting(large.Config.block, lo=10)      # images per block: train = block 0, valid = block
     # --valid-block (as hypernets_local_large)
     valid_block: int = setting(large.Config.valid_block, lo=1, hi=5)  # which training-set block validates
@@ -175,9 +181,10 @@ def run(config, data):
     r0, r_step, r_eval = make_random_search(splits, config)
     random = BudgetedRun(r0, r_step, r_eval, Budget(seconds, config.iters, 1, config.random_log_every),
                          "random", print)
-    curves = dict(zip(METHODS, run_interleaved([hyper, random], config.slice_seconds), strict=True))
-    if diag.rows[-1][0] != hyper.state.step:
-        diag.record(hyper.state.lam, hyper.state.step, hyper.elapsed, hyper.state)
+    jobs = large.resolve_jobs(config, len(METHODS))
+    curves = dict(zip(METHODS, run_methods([hyper, random], jobs, config.slice_seconds,
+                                           large.final_diagnostic({"hyper": diag})), strict=True))
+    diag.rows = hyper.extra  # recorded where hyper-training ran
 
     d = diag.arrays("hyper")
     h = large.curve_summary(curves["hyper"], hyper.i)
@@ -200,6 +207,7 @@ def run(config, data):
         "hyper": h,
         "random": r,
         "hyper_seconds_to_random_best": time_to_reach(curves["hyper"], r["final_valid"]),
+        "parallel": large.parallel_summary([hyper, random], jobs),
     }
     arrays = {f"{m}_{field}": np.asarray(getattr(curves[m], field)) for m in METHODS for field in curves[m]._fields}
     arrays.update(d)
@@ -267,6 +275,7 @@ def tex_numbers(summary):
 def report(summary):
     """The headline numbers of a run."""
     ref = summary["reference"]
+    print(f"methods ran in {summary['parallel']['jobs']} process(es): {summary['parallel']['mode']}")
     print(f"fixed-lambda reference: valid {ref['valid_nll']:.4f} test {ref['test_nll']:.4f} (log-likelihood scale)")
     for m in METHODS:
         s = summary[m]
@@ -291,7 +300,7 @@ STYLES = {"hyper": "-", "random": "--"}
 PUBLISHED_YLIM = (0.45, 0.9)
 
 
-def plot(summary, arrays, out_dir):
+def plot_published(summary, arrays, out_dir):
     """The appendix's left panel: current valid (red) / test (green) of the hypernetwork (solid) and random
     search's best so far (dashed) on the log-likelihood scale, plus the fixed-lambda reference (thin)."""
     import matplotlib.pyplot as plt
@@ -322,6 +331,79 @@ def plot(summary, arrays, out_dir):
     ax.legend([handles[LABELS[k]] for k in order], [LABELS[k] for k in order], frameon=False, fontsize=20,
               loc="upper right")
     return finish_figure(fig, NAME, out_dir)
+
+
+def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
+    """Companion figure (as hypernets_local_large's): hyper-training's (a) cosine with the exact hypergradient and
+    (b) ||lambda_hat - lambda_hat_0|| over its steps, (c) lambda_hat_j - lambda_hat_0 over the 7,850 weights at the
+    end, (d) both methods' losses with the fixed-lambda reference and the exact loss L_V(w*(lambda_hat)) of
+    lambda_hat itself, on the log-likelihood scale."""
+    import matplotlib.pyplot as plt
+
+    from plotting import finish_figure, set_paper_style
+
+    set_paper_style(font_size=13)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    h, colour = summary["hyper"], "C3"
+    steps = arrays["hyper_diag_step"]
+    ax = axes[0, 0]
+    ax.plot(steps, arrays["hyper_cosine"], "o-", ms=3, color=colour,
+            label=f"{large.METHOD_NAMES['hyper']} (mean {h['cosine']['mean']:+.3f})")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel(r"$\hat\lambda$ steps")
+    ax.set_ylabel("cosine with exact hypergradient")
+    ax.set_title("(a) hypergradient direction vs implicit differentiation", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+    ax = axes[0, 1]
+    moved = arrays["hyper_lambda_shift"] > 0  # lambda_hat_0 itself has no place on a log axis
+    ax.plot(steps[moved], arrays["hyper_lambda_shift"][moved], "o-", ms=3, color=colour,
+            label=large.METHOD_NAMES["hyper"])
+    ax.set_yscale("log")
+    ax.set_xlabel(r"$\hat\lambda$ steps")
+    ax.set_ylabel(r"$\|\hat\lambda - \hat\lambda_0\|_2$")
+    ax.set_title(r"(b) how far $\hat\lambda$ moved", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+    ax = axes[1, 0]
+    delta = arrays["hyper_lambda"] - summary["reference"]["lambda"]
+    span = max(float(np.max(np.abs(delta))), 1e-6)
+    ax.hist(delta, bins=np.linspace(-span, span, 61), histtype="step", color=colour, linewidth=1.3,
+            label=f"{large.METHOD_NAMES['hyper']} (mean |.| {h['lambda_shift']['mean_abs']:.2g})")
+    ax.axvline(0.0, color="0.5", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(rf"$\hat\lambda_j - \hat\lambda_0$ at the end ({delta.size:,} weights)")
+    ax.set_ylabel("count")
+    ax.set_title(r"(c) distribution of $\hat\lambda_j - \hat\lambda_0$ over the weights", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+    ax = axes[1, 1]
+    for method, method_name in (("hyper", large.METHOD_NAMES["hyper"]), ("random", "Random search")):
+        for split in ("valid", "test"):
+            ax.plot(arrays[f"{method}_seconds"], nll(arrays[f"{method}_{split}"]), STYLES[method],
+                    color=large.COLORS[split], linewidth=1.0, label=f"{method_name} {split}",
+                    drawstyle="steps-post" if method == "random" else "default")
+    ax.plot(arrays["hyper_diag_seconds"], nll(arrays["hyper_exact_valid"]), "x", ms=5, color="k",
+            label=r"exact valid $\mathcal{L}_V(w^*(\hat\lambda))$")
+    large.draw_reference(ax, summary, scale=nll)
+    settled = [nll(arrays[f"{m}_{s}"][len(arrays[f"{m}_{s}"]) // 20:]) for m in METHODS for s in ("valid", "test")]
+    levels = [nll(summary["reference"][s]) for s in ("valid", "test")] + list(nll(arrays["hyper_exact_valid"]))
+    low, high = min(min(a.min() for a in settled), *levels), max(max(a.max() for a in settled), *levels)
+    pad = 0.1 * (high - low) + 1e-9
+    ax.set_ylim(low - pad, high + pad)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("CPU seconds")
+    ax.set_ylabel(r"Loss $\mathcal{L}$ (log-likelihood scale)")
+    ax.set_title(r"(d) losses; thin: fixed-$\hat\lambda_0$ reference (closed form)", fontsize=13)
+    ax.legend(frameon=False, fontsize=9, ncol=2, loc="upper right",
+              bbox_to_anchor=(1.0, 0.52))  # below the valid curves and their reference, above the test ones
+    for a in axes.ravel():
+        for side in ("top", "right"):
+            a.spines[side].set_visible(False)
+    return finish_figure(fig, name, out_dir)
+
+
+def plot(summary, arrays, out_dir):
+    """The published-style appendix panel and the diagnostics companion."""
+    return plot_published(summary, arrays, out_dir) + plot_diagnostics(summary, arrays, out_dir)
 
 
 if __name__ == "__main__":

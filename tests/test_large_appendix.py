@@ -117,19 +117,25 @@ def test_quick_end_to_end_and_replot(tmp_path, capsys):
     assert all(isinstance(v, str) for v in app.tex_numbers(summary).values())
     for claim in app.CLAIMS:
         assert claim.evaluate(summary)[1] in common.VERDICTS
-    png = tmp_path / "hypernets_local_large_appendix.png"
-    png.unlink()
+    pngs = [tmp_path / f"{stem}.png" for stem in ("hypernets_local_large_appendix",
+                                                  "hypernets_local_large_appendix_diagnostics")]
+    for png in pngs:
+        assert (tmp_path / png.name.replace(".png", ".pdf")).is_file()
+        png.unlink()
     assert run_cli("--replot", "--out-dir", str(tmp_path)) == 0
-    assert png.stat().st_size > 10000
+    assert all(png.stat().st_size > 10000 for png in pngs)
 
 
-def test_fixed_iters_reproducible(tmp_path):
+def test_fixed_iters_reproducible_in_one_process_or_in_parallel(tmp_path):
+    """--jobs 1 (interleaved in one process) and --jobs 2 (a process per method) give the same bits."""
     arrays = []
-    for i in range(2):
-        d = tmp_path / str(i)
-        assert run_cli("--quick", "--iters", "3", "--out-dir", str(d)) == 0
+    for jobs in (1, 2):
+        d = tmp_path / str(jobs)
+        assert run_cli("--quick", "--iters", "3", "--jobs", str(jobs), "--out-dir", str(d)) == 0
         with np.load(d / "results" / "hypernets_local_large_appendix.npz") as npz:
             arrays.append({k: npz[k] for k in npz.files})
+        summary = json.loads((d / "results" / "hypernets_local_large_appendix.json").read_text())
+        assert summary["parallel"]["jobs"] == jobs and summary["hyper"]["steps"] == summary["random"]["steps"] == 3
     for key in arrays[0]:
         if "seconds" not in key:
             assert np.array_equal(arrays[0][key], arrays[1][key]), key

@@ -307,16 +307,20 @@ def test_quick_end_to_end_and_replot(tmp_path, capsys):
         assert (tmp_path / f"{stem}.png").stat().st_size > 10000
 
 
-def test_fixed_iters_reproducible(tmp_path):
+def test_fixed_iters_reproducible_in_one_process_or_in_parallel(tmp_path):
+    """--jobs 1 (interleaved in one process) and --jobs 2 (a process per method) give the same bits."""
     arrays = []
-    for i in range(2):
-        d = tmp_path / str(i)
-        assert run_cli("--quick", "--iters", "3", "--algorithm", "simplified", "--out-dir", str(d)) == 0
+    for jobs in (1, 2):
+        d = tmp_path / str(jobs)
+        assert run_cli("--quick", "--iters", "3", "--algorithm", "simplified", "--jobs", str(jobs),
+                       "--out-dir", str(d)) == 0
         with np.load(d / "results" / "hypernets_local_large.npz") as npz:
             arrays.append({k: npz[k] for k in npz.files})
         summary = json.loads((d / "results" / "hypernets_local_large.json").read_text())
         assert summary["budget"] == "iters" and summary["config"]["algorithm"] == "simplified"
         assert all(summary[m]["steps"] == 3 for m in large.METHODS)
+        assert summary["parallel"]["jobs"] == jobs and summary["config"]["jobs"] == jobs
+        assert (set(summary["parallel"].get("process_cpu_seconds", {})) == set(large.METHODS)) == (jobs > 1)
     for key in arrays[0]:
         if "seconds" not in key:                 # timing is the only run-dependent field
             assert np.array_equal(arrays[0][key], arrays[1][key]), key
@@ -329,6 +333,16 @@ def test_valid_block_changes_the_validation_set(tmp_path):
     ref = [json.loads((tmp_path / str(b) / "results" / "hypernets_local_large.json").read_text())["reference"]
            for b in (1, 2)]
     assert ref[0]["test"] == ref[1]["test"] and ref[0]["valid"] != ref[1]["valid"]
+
+
+def test_jobs_default_to_one_process_per_method_at_most_one_per_cpu(monkeypatch):
+    import forked
+
+    monkeypatch.setattr(forked, "available_cpus", lambda: 2)
+    assert large.resolve_jobs(large.Config(), 3) == 2 and large.resolve_jobs(large.Config(jobs=1), 3) == 1
+    assert large.resolve_jobs(large.Config(jobs=8), 3) == 3
+    monkeypatch.setattr(forked, "available_cpus", lambda: 16)
+    assert large.resolve_jobs(large.Config(), 3) == 3
 
 
 def test_paper_budgets_select_the_papers_seconds():
