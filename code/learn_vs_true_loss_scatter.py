@@ -41,6 +41,7 @@ import scaleout
 import texfmt
 from common import Claim, ExperimentError, atomic_write_bytes, check_divergence, check_finite, setting, step_rng
 from forked import available_cpus
+from progress import Progress
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_TOKEN = "<repo>"             # cache_dir may start with it: the repository's root folder
@@ -439,11 +440,13 @@ def compute_ground_truth(config, splits, jobs, log=print):
 
     def progress(c, chunk_losses):
         done.append(len(chunk_losses))
+        bar.update(len(chunk_losses))
         if len(done) % config.log_every == 0 or len(done) == len(chunks):
             log(f"ground truth: {sum(done)}/{config.n_models} models, {time.perf_counter() - t0:.0f} s")
 
-    losses = scaleout.map_chunks(ground_truth_chunk, chunks, shared, backend=backend, scheduler=config.scheduler,
-                                 jobs=jobs, pool=ForkedWorkers, on_result=progress)
+    with Progress(config.n_models, desc="ground truth", unit="model") as bar:
+        losses = scaleout.map_chunks(ground_truth_chunk, chunks, shared, backend=backend,
+                                     scheduler=config.scheduler, jobs=jobs, pool=ForkedWorkers, on_result=progress)
     return lambdas, np.concatenate(losses)
 
 
@@ -635,12 +638,15 @@ def train_hypernet(config, train_x, train_y, fixed_lambdas=None, log=print):
             value = hyper_objective(params, *batch(i))
             start.append(value)
             check_divergence(value, start[0], i, f"{label} training objective")
+            bar.update(0, objective=f"{value:.4f}")
             if i > 0:
                 log(f"{label}: step {i + 1}/{steps}, training objective {value:.4f}")
+        bar.update(1)
 
     init = init_hypernet("linear", N_HYPERS, num_params(LAYERS), config.init_scale,
                          np.random.RandomState(config.seed))
-    return adam(gradient, init, callback, num_iters=steps, step_size=config.step_size)
+    with Progress(steps, desc=label, unit="step") as bar:
+        return adam(gradient, init, callback, num_iters=steps, step_size=config.step_size)
 
 
 def hypernet_valid_losses(hyper_params, lambdas, gram, config):
@@ -740,13 +746,15 @@ def run_table(config, order, lambdas, losses, train, gram, stochastic, log=print
     """True loss at each model's predicted-best lambda for every budget in config.table_budgets."""
     budgets = [b for b in config.table_budgets if b < config.n_models]
     rows = {name: [] for name in MODELS + ("true_best",)}
-    for n in budgets:
-        log(f"table: budget {n}")
-        inferred, held = evaluate_budget(n, order, lambdas, losses, train, gram, config, stochastic, log)
-        true = losses[held]
-        for name in MODELS:
-            rows[name].append(summarise(inferred[name], true)["predicted_best_true_loss"])
-        rows["true_best"].append(float(true.min()))
+    with Progress(len(budgets), desc="table", unit="budget") as bar:
+        for n in budgets:
+            log(f"table: budget {n}")
+            inferred, held = evaluate_budget(n, order, lambdas, losses, train, gram, config, stochastic, log)
+            true = losses[held]
+            for name in MODELS:
+                rows[name].append(summarise(inferred[name], true)["predicted_best_true_loss"])
+            rows["true_best"].append(float(true.min()))
+            bar.update(1, tuples=n)
     return {"budgets": budgets, "rows": rows}
 
 

@@ -300,7 +300,8 @@ def test_signal_during_parallel_run_leaves_nothing(tmp_path, sig, code):
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == code, stderr
-    assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error:"), stderr
+    lines = stderr.strip().splitlines()  # one error line, after any progress lines (one about every 10 s)
+    assert lines[-1].startswith("error:") and all(line.startswith("ground truth: ") for line in lines[:-1]), stderr
     assert _gone_within(workers, 3.0), "worker processes outlived the run"
     assert _debris(tmp_path, [proc.pid, *workers]) == []  # no temporary folders, no semaphores
     leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
