@@ -235,3 +235,16 @@ def test_git_dirty_counts_code_changes_not_the_outputs_runs_write(tmp_path, monk
     assert dirty() is False
     (tmp_path / "code" / "x.py").write_text("1")
     assert dirty() is True
+
+
+def test_provenance_cpu_counts_reaped_children():
+    """Per-method processes and forked workers do the work: their CPU must be on the provenance clock."""
+    before = common.tree_cpu_seconds()
+    pid = os.fork()
+    if pid == 0:  # the child: burn about 0.3 s of CPU, then leave without cleanup handlers
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert common.tree_cpu_seconds() - before >= 0.25
