@@ -25,8 +25,11 @@ the CG residual, the half-way direction check and max |dL_T/dw| are recorded). B
 lambda_hat_0|| (rms, max, quantiles over the weights) and the fixed-lambda reference (converged plain training at
 lambda_hat_0, from the grid). Drawn in compare_number_layers_diagnostics, one column per model.
 
-    python compare_number_layers.py [--seconds 10,40,32] [--min-steps 480,280,190] [--iters N] [--paper-budgets]
-                                    [--quick]
+The models are independent (issue 13): each model's whole pipeline runs in its own forked process, one per CPU
+(--jobs 1: one after another in this process); with --iters the numbers are the same bits either way.
+
+    python compare_number_layers.py [--seconds 10,40,32] [--min-steps 480,280,190] [--iters N] [--jobs N]
+                                    [--paper-budgets] [--quick]
 """
 import dataclasses
 import os
@@ -37,11 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 
 import common
+import forked
 import hypernets_local_large as large
 import per_weight_decay as pwd
 import references
 import texfmt
-from budget import Budget, BudgetedRun
+from budget import BLAS_THREADS, Budget, BudgetedRun, default_jobs
 from common import UsageError, check_divergence, check_finite, setting
 from data_loader import small_splits
 from neural_network import num_params
@@ -123,6 +127,8 @@ class Config:
     diag_cg_tol: float = setting(1e-3, lo=0, lo_open=True)  # CG stops early at this relative residual
     diag_precondition: bool = setting(False)  # Jacobi-precondition CG by the Gauss-Newton diagonal (tried: no
     # faster on 784-100-100-10, and its ~1 CPU s is not free)
+    jobs: int = setting(0, lo=0)  # processes, one model each (issue 13: the models' clocks are independent); 0 = one
+    # per model, at most one per CPU; 1 = all in this process, one after another
 
 
 QUICK = dict(seconds=(1.0, 1.0, 1.0), min_steps=(0, 0, 0), n_train=500, n_valid=500, n_test=500, eval_every=2,
@@ -480,67 +486,133 @@ def diagnose(sizes, checkpoints, splits, config, settings, problem, w_start, han
 
 # --------------------------------------------------------------------------------------------- run
 
+def run_model(sizes, seconds, floor, splits, config, log=print):
+    """One model's pipeline: hyper-training (seconds CPU s, extended to floor steps; None: --iters), the control,
+    the hand-tuned grid and the diagnostics -> (summary entry, arrays)."""
+    name, P = model_name(sizes), num_params(sizes)
+    state0, step_fn, evaluate, settings, problem = make_hyper(sizes, splits, config)
+    w0 = pwd.current_weights(state0, settings)[0].copy()  # the start shared by the control and the search
+    budget = Budget(seconds=seconds, iters=config.num_iters, eval_every=config.eval_every,
+                    log_every=config.log_every)
+    checkpoints = Checkpoints(checkpoint_steps(config, floor))
+    hyper = BudgetedRun(state0, step_fn, checkpoints.wrap(evaluate), budget, name, log)
+    checkpoints.runs.append(hyper)
+    hyper.advance()
+    extended = config.num_iters is None and hyper.i < floor
+    if extended:  # a slow machine: carry on to the step floor
+        hyper.budget = dataclasses.replace(budget, seconds=None, iters=floor)
+        hyper.advance()
+    curve, state = hyper.curve(), hyper.state
+    steps = int(curve.step[-1])
+    cstate, cstep, cevaluate = make_control(sizes, w0, splits, config)
+    control = BudgetedRun(cstate, cstep, cevaluate,
+                          Budget(iters=steps * config.inner_steps,
+                                 eval_every=config.eval_every * config.inner_steps,
+                                 log_every=config.log_every * config.inner_steps), f"{name} control", log)
+    ccurve = control.advance().curve()
+    grid_weights = {}
+    hand = hand_tuned(sizes, splits, config, w0, log, keep=grid_weights)
+    diagnostics, arrays = diagnose(sizes, checkpoints.final(hyper), splits, config, settings, problem,
+                                   grid_weights.get(float(config.init_lambda)), hand, log)
+    for field in ("step", "seconds", "valid", "test"):
+        arrays[f"{name}_{field}"] = getattr(curve, field)
+        arrays[f"{name}_control_{field}"] = getattr(ccurve, field)
+    arrays[f"{name}_lambda"] = state.lam.copy()
+    moved = state.lam - config.init_lambda
+    entry = {
+        "layer_sizes": list(sizes),
+        "n_hyperparameters": P,
+        "hypernet_parameters": pwd.hypernet_size("factorised", P, P, config.hidden),
+        "steps": steps,
+        "hypernet_steps": steps * config.inner_steps,
+        "seconds": float(curve.seconds[-1]),
+        "budget_extended_to_min_steps": bool(extended),
+        "final_valid": float(curve.valid[-1]),
+        "final_test": float(curve.test[-1]),
+        "best_valid": float(curve.valid.min()),
+        "lambda_mean": float(state.lam.mean()),
+        "lambda_std": float(state.lam.std()),
+        "lambda_moved_rms": float(np.sqrt(np.mean(moved ** 2))),
+        "lambda_moved_max": float(np.abs(moved).max()),
+        "control": {"steps": int(ccurve.step[-1]), "seconds": float(ccurve.seconds[-1]),
+                    "final_valid": float(ccurve.valid[-1]), "final_test": float(ccurve.test[-1])},
+        "hand_tuned": hand,
+        "final_valid_minus_hand_tuned_valid": float(curve.valid[-1]) - hand["best_valid"],
+        "final_test_minus_hand_tuned_test": float(curve.test[-1]) - hand["best_test"],
+        "control_valid_minus_final_valid": float(ccurve.valid[-1]) - float(curve.valid[-1]),
+        "diagnostics": diagnostics,
+    }
+    return entry, arrays
+
+
+def resolve_jobs(config):
+    """Processes to run the models in: --jobs, or with 0 one per model, at most one per CPU."""
+    n = len(config.models)
+    return min(config.jobs, n) if config.jobs else default_jobs(n)
+
+
+def _model_in_child(task, splits, config):
+    """Child side of run_models: one model with one BLAS thread, its log lines sent to the parent ->
+    (summary entry, arrays, the child's CPU seconds, its wall seconds)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    sizes, seconds, floor = task
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
+        wrong = [lib["num_threads"] for lib in threadpool_info()
+                 if lib.get("user_api") == "blas" and lib["num_threads"] != BLAS_THREADS]
+        if wrong:
+            raise common.ExperimentError(f"BLAS still uses {wrong} threads in the process of {model_name(sizes)}")
+        entry, arrays = run_model(sizes, seconds, floor, splits, config,
+                                  lambda text: forked.send_message(("log", text)))
+    return entry, arrays, time.process_time() - cpu0, time.perf_counter() - wall0
+
+
+def run_models(tasks, splits, config, jobs, log=print):
+    """run_model for every (sizes, seconds, floor) of tasks: in this process one after another (jobs == 1) or
+    in forked processes, at most jobs at once (results through a pipe, bit-identical under --iters) ->
+    ({name: (summary entry, arrays)}, {name: (child CPU s, wall s)}) in the order of tasks."""
+    if jobs == 1:
+        return {model_name(t[0]): run_model(*t[:3], splits, config, log) for t in tasks}, {}
+    results, seconds = {}, {}
+
+    def on_message(task, message):
+        kind, text = message
+        name = model_name(task[0])
+        if kind == "log":  # the lines name their model; any other is prefixed with it
+            log(text if name in text else f"[{name}] {text}")
+
+    with forked.ForkedWorkers(jobs, lambda task: _model_in_child(task, splits, config), role="model process",
+                              describe=lambda task: model_name(task[0]), hint="try --jobs 1") as workers:
+        for task, (entry, arrays, cpu, wall) in workers.run(tasks, on_message):
+            results[model_name(task[0])], seconds[model_name(task[0])] = (entry, arrays), (cpu, wall)
+    names = [model_name(t[0]) for t in tasks]
+    return {n: results[n] for n in names}, {n: seconds[n] for n in names}
+
+
+def parallel_summary(jobs, seconds):
+    """How the models ran: jobs processes; with jobs > 1 each model's process's CPU and wall seconds (all of
+    its pipeline; the parent's provenance cpu_seconds does not count them)."""
+    out = {"jobs": int(jobs), "mode": "parallel processes" if jobs > 1 else "one process, one model after another"}
+    if jobs > 1:
+        out["process_cpu_seconds"] = {n: round(s[0], 3) for n, s in seconds.items()}
+        out["process_wall_seconds"] = {n: round(s[1], 3) for n, s in seconds.items()}
+    return out
+
+
 def run(config, data, log=print):
     """Hyper-training, the control and the hand-tuned search for every model -> (summary, arrays)."""
     splits = small_splits(data, config.n_train, config.n_valid, config.n_test)
+    tasks = list(zip(config.models, budgets(config), config.min_steps, strict=True))
+    jobs = resolve_jobs(config)
+    results, seconds = run_models(tasks, splits, config, jobs, log)
     summary, arrays = {"models": {}}, {}
-    for sizes, seconds, floor in zip(config.models, budgets(config), config.min_steps, strict=True):
-        name, P = model_name(sizes), num_params(sizes)
-        state0, step_fn, evaluate, settings, problem = make_hyper(sizes, splits, config)
-        w0 = pwd.current_weights(state0, settings)[0].copy()  # the start shared by the control and the search
-        budget = Budget(seconds=seconds, iters=config.num_iters, eval_every=config.eval_every,
-                        log_every=config.log_every)
-        checkpoints = Checkpoints(checkpoint_steps(config, floor))
-        hyper = BudgetedRun(state0, step_fn, checkpoints.wrap(evaluate), budget, name, log)
-        checkpoints.runs.append(hyper)
-        hyper.advance()
-        extended = config.num_iters is None and hyper.i < floor
-        if extended:  # a slow machine: carry on to the step floor
-            hyper.budget = dataclasses.replace(budget, seconds=None, iters=floor)
-            hyper.advance()
-        curve, state = hyper.curve(), hyper.state
-        steps = int(curve.step[-1])
-        cstate, cstep, cevaluate = make_control(sizes, w0, splits, config)
-        control = BudgetedRun(cstate, cstep, cevaluate,
-                              Budget(iters=steps * config.inner_steps,
-                                     eval_every=config.eval_every * config.inner_steps,
-                                     log_every=config.log_every * config.inner_steps), f"{name} control", log)
-        ccurve = control.advance().curve()
-        grid_weights = {}
-        hand = hand_tuned(sizes, splits, config, w0, log, keep=grid_weights)
-        diagnostics, diag_arrays = diagnose(sizes, checkpoints.final(hyper), splits, config, settings, problem,
-                                            grid_weights.get(float(config.init_lambda)), hand, log)
-        arrays.update(diag_arrays)
-        for field in ("step", "seconds", "valid", "test"):
-            arrays[f"{name}_{field}"] = getattr(curve, field)
-            arrays[f"{name}_control_{field}"] = getattr(ccurve, field)
-        arrays[f"{name}_lambda"] = state.lam.copy()
-        moved = state.lam - config.init_lambda
-        summary["models"][name] = {
-            "layer_sizes": list(sizes),
-            "n_hyperparameters": P,
-            "hypernet_parameters": pwd.hypernet_size("factorised", P, P, config.hidden),
-            "steps": steps,
-            "hypernet_steps": steps * config.inner_steps,
-            "seconds": float(curve.seconds[-1]),
-            "budget_extended_to_min_steps": bool(extended),
-            "final_valid": float(curve.valid[-1]),
-            "final_test": float(curve.test[-1]),
-            "best_valid": float(curve.valid.min()),
-            "lambda_mean": float(state.lam.mean()),
-            "lambda_std": float(state.lam.std()),
-            "lambda_moved_rms": float(np.sqrt(np.mean(moved ** 2))),
-            "lambda_moved_max": float(np.abs(moved).max()),
-            "control": {"steps": int(ccurve.step[-1]), "seconds": float(ccurve.seconds[-1]),
-                        "final_valid": float(ccurve.valid[-1]), "final_test": float(ccurve.test[-1])},
-            "hand_tuned": hand,
-            "final_valid_minus_hand_tuned_valid": float(curve.valid[-1]) - hand["best_valid"],
-            "final_test_minus_hand_tuned_test": float(curve.test[-1]) - hand["best_test"],
-            "control_valid_minus_final_valid": float(ccurve.valid[-1]) - float(curve.valid[-1]),
-            "diagnostics": diagnostics,
-        }
+    for name, (entry, model_arrays) in results.items():
+        summary["models"][name] = entry
+        arrays.update(model_arrays)
     summary["budget"] = "iters" if config.num_iters is not None else "cpu_seconds"
     summary["budget_seconds"] = budgets(config) if config.num_iters is None else None
+    summary["parallel"] = parallel_summary(jobs, seconds)
     return summary, arrays
 
 
@@ -698,6 +770,8 @@ def tex_numbers(summary):
 
 
 def report(summary):
+    if "parallel" in summary:  # results from before --jobs have none
+        print(f"models ran in {summary['parallel']['jobs']} process(es): {summary['parallel']['mode']}")
     for name, m in summary["models"].items():
         h, c = m["hand_tuned"], m["control"]
         print(f"{name}: {m['steps']} steps in {m['seconds']:.0f} CPU s; final valid {m['final_valid']:.5f} test "

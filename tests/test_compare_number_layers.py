@@ -231,3 +231,45 @@ def test_bad_arguments_are_one_line_usage_errors(tmp_path, capsys, argv):
 def test_divergence_stops_the_run_with_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "--quick", "--iters", "3", "--step-size", "1e6", "--out-dir", str(tmp_path))
     assert_one_line_error(code, err, 1, tmp_path, contains=("diverged",))
+
+
+def test_jobs_2_gives_the_bits_of_jobs_1(tmp_path, capsys):
+    """--jobs 1 (one model after another here) and --jobs 2 (a process per model) give the same numbers."""
+    results = {}
+    for jobs in (1, 2):
+        d = tmp_path / str(jobs)
+        code, out, err = run(capsys, "--quick", "--iters", "3", "--jobs", str(jobs), "--out-dir", str(d))
+        assert code == 0, err
+        summary = json.loads((d / "results" / "compare_number_layers.json").read_text())
+        assert summary["parallel"]["jobs"] == jobs
+        with np.load(d / "results" / "compare_number_layers.npz") as npz:
+            results[jobs] = summary, {k: npz[k] for k in npz.files}
+        if jobs == 2:  # the children's log lines reach the parent, each naming its model
+            assert all(f"{name} hand-tuned:" in out for name in summary["models"])
+    (one, arrays1), (two, arrays2) = results[1], results[2]
+    assert list(one["models"]) == list(two["models"]) == [layers.model_name(s) for s in TINY.models]
+    assert set(two["parallel"]["process_cpu_seconds"]) == set(two["parallel"]["process_wall_seconds"]) \
+        == set(two["models"])
+    assert all(s > 0 for s in two["parallel"]["process_cpu_seconds"].values())
+
+    def without_clocks(value):  # CPU and wall seconds differ between runs; everything else must not
+        if isinstance(value, dict):
+            return {k: without_clocks(v) for k, v in value.items() if "seconds" not in k}
+        if isinstance(value, list):
+            return [without_clocks(v) for v in value]
+        return value
+
+    assert without_clocks(one["models"]) == without_clocks(two["models"])
+    assert set(arrays1) == set(arrays2)
+    for key in arrays1:
+        if "seconds" not in key:
+            np.testing.assert_array_equal(arrays1[key], arrays2[key], err_msg=key)
+
+
+def test_a_failing_model_process_is_one_line(tmp_path, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(layers, "hand_tuned", broken)
+    code, _, err = run(capsys, "--quick", "--iters", "2", "--jobs", "2", "--out-dir", str(tmp_path))
+    assert_one_line_error(code, err, 1, tmp_path, contains=("model process failed", "broken on purpose"))
