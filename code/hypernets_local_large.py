@@ -546,7 +546,7 @@ def plot_published(summary, arrays, out_dir):
     plus the fixed-lambda reference as thin dash-dotted lines."""
     import matplotlib.pyplot as plt
 
-    from plotting import finish_figure, set_paper_style
+    from plotting import despine, finish_figure, set_paper_style
 
     set_paper_style(font_size=24)
     fig, ax = plt.subplots(figsize=(9.6, 7.2))
@@ -559,8 +559,7 @@ def plot_published(summary, arrays, out_dir):
     ax.set_xlim(left=0)
     ax.set_xlabel("Runtime in CPU seconds")
     ax.set_ylabel(r"Loss $\mathcal{L}$")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    despine(ax)
     order = [("unrolled", "valid"), ("hyper", "valid"), ("unrolled", "test"), ("hyper", "test")]
     handles = {h.get_label(): h for h in ax.get_lines()}
     ax.legend([handles[LABELS[k]] for k in order], [LABELS[k] for k in order], frameon=False, fontsize=20,
@@ -573,7 +572,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     lambda_j - lambda_0 at the end, (d) the three methods' losses and the fixed-lambda reference."""
     import matplotlib.pyplot as plt
 
-    from plotting import finish_figure, set_paper_style
+    from plotting import despine, finish_figure, set_paper_style
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -623,9 +622,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     ax.set_ylabel("MSE")
     ax.set_title(r"(d) losses; thin: fixed-$\lambda_0$ reference (closed form)", fontsize=13)
     ax.legend(frameon=False, fontsize=9, ncol=2, loc="upper right")
-    for a in axes.ravel():
-        for side in ("top", "right"):
-            a.spines[side].set_visible(False)
+    despine(axes)
     return finish_figure(fig, name, out_dir)
 
 

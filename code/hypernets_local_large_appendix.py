@@ -340,7 +340,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     lambda_hat itself, on the log-likelihood scale."""
     import matplotlib.pyplot as plt
 
-    from plotting import finish_figure, set_paper_style
+    from plotting import despine, finish_figure, set_paper_style
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -395,9 +395,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     ax.set_title(r"(d) losses; thin: fixed-$\hat\lambda_0$ reference (closed form)", fontsize=13)
     ax.legend(frameon=False, fontsize=9, ncol=2, loc="upper right",
               bbox_to_anchor=(1.0, 0.52))  # below the valid curves and their reference, above the test ones
-    for a in axes.ravel():
-        for side in ("top", "right"):
-            a.spines[side].set_visible(False)
+    despine(axes)
     return finish_figure(fig, name, out_dir)
 
 

@@ -1096,7 +1096,7 @@ def plot(summary, arrays, out_dir):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import close, despine, save_figure, set_paper_style
 
     set_paper_style(font_size=24)
     fig, ax = plt.subplots(figsize=(9.1, 9.1))
@@ -1131,8 +1131,7 @@ def plot(summary, arrays, out_dir):
     ax.set_xlim(0, end)
     ax.set_xlabel("Runtime in CPU seconds")
     ax.set_ylabel(r"Loss $\mathcal{L}$")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    despine(ax)
     handles = [Line2D([], [], color="k", **STYLES[m]) for m in RESCORED]
     labels = [LABELS[m] for m in RESCORED]
     handles += [Line2D([], [], color=VALID_COLOUR), Line2D([], [], color=TEST_COLOUR)]
@@ -1148,7 +1147,7 @@ def plot_rescored(summary, out_dir):
     """Companion figure: validation and test loss of each method's best lambda after the common retraining."""
     import matplotlib.pyplot as plt
 
-    from plotting import close, save_figure, set_paper_style
+    from plotting import close, despine, save_figure, set_paper_style
 
     set_paper_style(font_size=18)
     fig, ax = plt.subplots(figsize=(9.1, 5.5))
@@ -1166,8 +1165,7 @@ def plot_rescored(summary, out_dir):
     ax.set_ylabel(r"Loss $\mathcal{L}$ after retraining")
     ax.set_title(f"Each method's best $\\lambda$ retrained for {summary['rescore_steps']:,} Adam steps "
                  "(mean of the second half)", fontsize=16)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    despine(ax)
     ax.legend(frameon=False, loc="upper center", ncol=2)
     fig.tight_layout()
     paths = save_figure(fig, f"{NAME}_rescored", out_dir)
@@ -1182,7 +1180,7 @@ def plot_diagnostics(summary, arrays, out_dir):
     beside the common retraining's, with the fixed-lambda_hat_0 reference."""
     import matplotlib.pyplot as plt
 
-    from plotting import finish_figure, set_paper_style
+    from plotting import despine, finish_figure, set_paper_style
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -1234,9 +1232,7 @@ def plot_diagnostics(summary, arrays, out_dir):
     ax.set_ylabel(r"validation loss $\mathcal{L}$")
     ax.set_title(r"(d) each method's best $\lambda$: exact level and retrained", fontsize=13)
     ax.legend(frameon=False, fontsize=10, loc="upper right")
-    for a in axes.ravel():
-        for side in ("top", "right"):
-            a.spines[side].set_visible(False)
+    despine(axes)
     return finish_figure(fig, f"{NAME}_diagnostics", out_dir)
 
 

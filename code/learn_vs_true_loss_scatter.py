@@ -795,14 +795,22 @@ PAPER_AXES_MIN_FRACTION = 0.5     # the paper's fixed axes are kept while every 
 # of its points; otherwise (e.g. --quick, losses near 2.2) the axes are fitted to the data
 FIT_PERCENTILES = (1.0, 99.0)     # fitted axes span these percentiles of the data (outliers would squash it)
 AUTO_TICKS = 4                    # ticks on a fitted axis
+PANEL_PAD = (1.05, 1.05)          # each saved panel's bounding box, scaled around the axes (x, y)
 FONT_SIZE = 32
 HEXBIN_GRID = 60
 HIST_BINS = 50
 
 
-def _clean_axes(ax):
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+def _save_with_panels(fig, axes, kind, out_dir):
+    """Save learn_vs_true_loss_<kind> and each panel alone as ax<i>_<kind> (the paper's file names), close."""
+    from plotting import close, save_figure, save_panel
+
+    fig.tight_layout()
+    written = save_figure(fig, f"learn_vs_true_loss_{kind}", out_dir)
+    for i, ax in enumerate(axes):
+        written += save_panel(fig, ax, f"ax{i}_{kind}", out_dir, pad=PANEL_PAD)
+    close(fig)
+    return written
 
 
 def _inside_fraction(values, limits):
@@ -826,7 +834,7 @@ def plot(summary, arrays, out_dir):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    from plotting import close, save_figure, save_panel, set_paper_style
+    from plotting import despine, set_paper_style
 
     set_paper_style(FONT_SIZE)
     true = np.asarray(arrays["true"], dtype=float)
@@ -852,12 +860,8 @@ def plot(summary, arrays, out_dir):
             for axis in (ax.xaxis, ax.yaxis):
                 axis.set_major_locator(MaxNLocator(AUTO_TICKS))
         ax.tick_params(length=0)
-        _clean_axes(ax)
-    fig.tight_layout()
-    written += save_figure(fig, "learn_vs_true_loss_scatter", out_dir)
-    for i, ax in enumerate(axes):
-        written += save_panel(fig, ax, f"ax{i}_scatter", out_dir, pad=(1.05, 1.05))
-    close(fig)
+        despine(ax)
+    written += _save_with_panels(fig, axes, "scatter", out_dir)
 
     errors = {name: inferred[name] - true for name in MODELS}
     paper_axes = all(_inside_fraction(e, ERROR_RANGE) >= PAPER_AXES_MIN_FRACTION for e in errors.values())
@@ -875,12 +879,8 @@ def plot(summary, arrays, out_dir):
             ax.xaxis.set_major_locator(MaxNLocator(AUTO_TICKS))
         ax.set_yticks([])
         ax.tick_params(length=0)
-        _clean_axes(ax)
-    fig.tight_layout()
-    written += save_figure(fig, "learn_vs_true_loss_hist", out_dir)
-    for i, ax in enumerate(axes):
-        written += save_panel(fig, ax, f"ax{i}_hist", out_dir, pad=(1.05, 1.05))
-    close(fig)
+        despine(ax)
+    written += _save_with_panels(fig, axes, "hist", out_dir)
 
     if "table" in summary:
         path = out_dir / "results" / TABLE_TEX

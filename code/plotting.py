@@ -116,12 +116,18 @@ def close(fig):
 
 # ----------------------------------------------------------------------------------- quick-run helpers
 
+def despine(axes):
+    """Hide the top and right spines of one Axes or of every Axes in an array of them (the paper's style)."""
+    for ax in np.ravel(axes):
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+
+
 def schematic_axes(ax, xlabel, ylabel):
     """The small experiments' schematic style (Figures 2 and 4): no ticks, no top or right spine, labels only."""
     ax.set_xticks([])
     ax.set_yticks([])
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
+    despine(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
 
