@@ -39,3 +39,18 @@ def assert_one_line_error(code, err, expected_code, out_dir=None, contains=()):
     assert all(text in err for text in contains), err
     if out_dir is not None:
         assert not (out_dir / "results").exists()
+
+
+def child_pids(pid):
+    """PIDs of the live processes whose parent is pid (read from /proc)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out

@@ -19,6 +19,7 @@ import progress
 import references as refs
 import unrolled
 from common import DivergenceError, ExperimentError
+from conftest import child_pids
 from data_loader import synthetic_mnist
 from large_fixtures import BLOCK, one_blas_thread  # noqa: F401  (fixture)
 from neural_network import num_params
@@ -197,20 +198,6 @@ def test_more_runs_than_jobs_and_log_lines_relayed():
     assert sorted(line.split()[0] for line in lines) == ["m0", "m1", "m2"]   # each logged step 4, in the parent
 
 
-def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def _diverge(s, i):
     common.check_finite(np.nan if i == 2 else 1.0, i, "test objective")
     return s + 1
@@ -232,13 +219,13 @@ def _die(s, i):
     (_die, ExperimentError, r"^method process \d+ died while working on bad \(killed, or out of memory\?\)$"),
 ])
 def test_child_failure_is_one_line_and_leaves_no_process(step, error, match):
-    before = set(_children(os.getpid()))
+    before = set(child_pids(os.getpid()))
     runs = [counter_run("good", iters=50, step=lambda s, i: (time.sleep(0.01), s + 1)[1]),
             counter_run("bad", iters=5, step=step)]
     with pytest.raises(error, match=match) as info:
         budget.run_parallel(runs, 2)
     assert "\n" not in str(info.value)
-    assert set(_children(os.getpid())) == before     # every child killed and reaped: no zombie either
+    assert set(child_pids(os.getpid())) == before     # every child killed and reaped: no zombie either
 
 
 SIGNAL_SCRIPT = textwrap.dedent("""
@@ -269,10 +256,10 @@ def test_signal_stops_the_children(tmp_path, sig, code):
     proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while len(_children(proc.pid)) < 2:
+    while len(child_pids(proc.pid)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
-    kids = _children(proc.pid)
+    kids = child_pids(proc.pid)
     time.sleep(0.3)
     proc.send_signal(sig)
     proc.communicate(timeout=30)

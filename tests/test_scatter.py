@@ -18,7 +18,7 @@ from autograd import grad
 import common
 import learn_vs_true_loss_scatter as lvt
 from common import DivergenceError, ExperimentError
-from conftest import CODE
+from conftest import CODE, child_pids
 from data_loader import MNIST, scatter_splits, synthetic_mnist
 from neural_network import batched_mlp_predict, class_norm_regulariser, gaussian_nll, mlp_predict, unflatten_batch
 from optimizers import adam
@@ -225,7 +225,7 @@ def test_fork_failure_is_one_line_error(monkeypatch):
     monkeypatch.setattr(os, "fork", failing_fork)
     with pytest.raises(ExperimentError, match="cannot start ground-truth worker 2 of 3.*--jobs 1"):
         lvt.ForkedWorkers(3, lambda task: task)
-    assert _children(os.getpid()) == []  # the worker that did start was stopped
+    assert child_pids(os.getpid()) == []  # the worker that did start was stopped
 
 
 def _alive(pid):
@@ -235,20 +235,6 @@ def _alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def _children(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def _debris(tmp_path, pids):
@@ -275,7 +261,7 @@ def _parallel_run(tmp_path, tag):
 def _wait_for_workers(proc, n=2, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        kids = _children(proc.pid)
+        kids = child_pids(proc.pid)
         if len(kids) >= n:
             return kids
         assert proc.poll() is None, proc.communicate()
