@@ -151,7 +151,8 @@ def budgets(config):
 # ------------------------------------------------------------------------------------------ validation
 
 def memory_estimate(config):
-    """Bytes of the largest arrays of the run: data, the hypernetwork and its Adam moments, the stacked grid."""
+    """Bytes of the largest arrays of the run: data (shared by the model processes through fork), and in each of
+    the resolve_jobs processes the hypernetwork and its Adam moments, the stacked grid and the evaluations."""
     f8 = MAX_STACK_BYTES
     data = (config.n_train + config.n_valid + config.n_test) * (784 + 10) * f8
     P = max(num_params(s) for s in config.models)
@@ -159,7 +160,7 @@ def memory_estimate(config):
     grid = len(config.search_lambdas) * P * f8 * 6
     width = max(max(s) for s in config.models)
     evals = max(config.n_valid, config.n_test) * width * f8 * 3
-    return data + hyper + grid + evals
+    return data + resolve_jobs(config) * (hyper + grid + evals)
 
 
 def validate(config):
