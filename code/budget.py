@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 import forked
-from common import ExperimentError, check_finite
+from common import blas_limited, check_finite
 from progress import Progress
 
 RELAY_SECONDS = 0.5       # a child sends its progress to the parent at most this often (wall seconds)
@@ -163,6 +163,22 @@ def default_jobs(n_methods):
     return max(1, min(n_methods, forked.available_cpus()))
 
 
+def resolve_jobs(jobs, n_tasks):
+    """Processes for n_tasks independent tasks: jobs (a --jobs setting), or with 0 one per task, at most one per
+    CPU."""
+    return min(jobs, n_tasks) if jobs else default_jobs(n_tasks)
+
+
+def parallel_summary(jobs, child_seconds, sequential_mode):
+    """The results' record of how independent tasks ran: jobs processes, and with jobs > 1 each task's process's
+    CPU and wall seconds (child_seconds: {name: (CPU s, wall s)}; provenance cpu_seconds includes them too)."""
+    out = {"jobs": int(jobs), "mode": "parallel processes" if jobs > 1 else sequential_mode}
+    if jobs > 1:
+        out["process_cpu_seconds"] = {n: round(c, 3) for n, (c, _) in child_seconds.items()}
+        out["process_wall_seconds"] = {n: round(w, 3) for n, (_, w) in child_seconds.items()}
+    return out
+
+
 class _Relay:
     """Child side of run_parallel: a Progress stand-in that sends (n, postfix) to the parent, at most every
     RELAY_SECONDS, and the final count when closed."""
@@ -189,18 +205,12 @@ _FIELDS = ("state", "i", "elapsed", "wall", "_steps", "_seconds", "_wall", "_val
 def _advance_in_child(run, finish):
     """Child side of run_parallel: run to the end with one BLAS thread, progress and log lines relayed to the
     parent; returns the run's fields (its final state and records) and the child's CPU and wall seconds."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
     cpu0, wall0 = time.process_time(), time.perf_counter()
     if run.log:
         run.log = lambda text: forked.send_message(("log", text))
     if run._report:
         run.progress = _Relay()
-    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
-        wrong = [lib["num_threads"] for lib in threadpool_info()
-                 if lib.get("user_api") == "blas" and lib["num_threads"] != BLAS_THREADS]
-        if wrong:
-            raise ExperimentError(f"BLAS still uses {wrong} threads in the process of {run.name}")
+    with blas_limited(BLAS_THREADS, f"the process of {run.name}"):
         run.advance()
         run.curve()
         if finish is not None:
@@ -214,10 +224,10 @@ def run_parallel(runs, jobs, finish=None):
 
     Afterwards every run holds what running it here would have left: its final state, steps, clocks and
     records (bit-identical under an iters budget), and run.extra = finish(run) computed in the child after the
-    run's last evaluation. run.child_seconds = (CPU, wall) seconds of its process, evaluations included (the
-    parent's own process_time does not count them). Results come back through a pipe (pickled in memory, never
-    in files); the children's progress is drawn here, one bar or line per run. A failure or divergence in a
-    child is one ExperimentError (DivergenceError) line; any exception or signal here kills and reaps them."""
+    run's last evaluation. run.child_seconds = (CPU, wall) seconds of its process, evaluations included.
+    Results come back through a pipe (pickled in memory, never in files); the children's progress is drawn
+    here, one bar or line per run. A failure or divergence in a child is one ExperimentError (DivergenceError)
+    line; any exception or signal here kills and reaps them."""
     runs = list(runs)
     jobs = max(1, min(jobs, len(runs)))
     bars = {}

@@ -422,6 +422,20 @@ def blas_info():
              "library": Path(lib.get("filepath", "")).name} for lib in threadpoolctl.threadpool_info()]
 
 
+@contextlib.contextmanager
+def blas_limited(threads, where):
+    """Run the body with `threads` BLAS threads, checked (threadpoolctl); ExperimentError naming `where` if a
+    BLAS library keeps another count (its numbers would not be those of the sequential path)."""
+    import threadpoolctl
+
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+        wrong = {lib.get("internal_api"): lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                 if lib.get("user_api") == "blas" and lib["num_threads"] != threads}
+        if wrong:
+            raise ExperimentError(f"{where}: BLAS still uses {wrong} threads (need {threads})")
+        yield
+
+
 def tree_cpu_seconds():
     """CPU seconds of this process plus its finished (reaped) children: forked workers and per-method processes
     count; a dask cluster's workers, which are not our children, do not."""

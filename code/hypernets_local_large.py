@@ -39,7 +39,7 @@ import numpy as np
 import common
 import references as refs
 import unrolled
-from budget import Budget, BudgetedRun, default_jobs, run_methods, time_to_reach
+from budget import Budget, BudgetedRun, parallel_summary, resolve_jobs, run_methods, time_to_reach
 from common import Claim, ExperimentError, setting
 from neural_network import num_params
 from per_weight_decay import (
@@ -69,6 +69,7 @@ COMMITTED_STEPS = {"hyper": 1833, "unrolled": 174}  # steps of the last run with
 # Verdict thresholds (SPEC section 10), in MSE unless said otherwise.
 TUNED_GAIN = 2e-4         # a method tuned lambda if its exact loss L_V(w*(lambda)) beats the reference by this much
 COSINE_ZERO = 0.1         # |mean cosine| below this: the hypergradient carries no information on the exact one
+COSINE_ALIGNED = 0.5      # mean cosine above this: the step points along the exact hypergradient
 WORSE_MAX = 2e-3          # "slightly worse": hyper's final validation loss above unrolled's by at most this
 LEVEL_TOL = 1.5e-3        # final losses within this of the published ones (Figure 5 top)
 PUBLISHED = {"hyper": (0.0391, 0.0403), "unrolled": (0.0383, 0.0401)}  # (valid, test), read from Figure 5 top
@@ -149,19 +150,10 @@ def budget_seconds(config):
     return PAPER_SECONDS if config.paper_budgets else config.seconds
 
 
-def resolve_jobs(config, n_methods):
-    """Processes to run the n_methods methods in: --jobs, or with 0 one per method, at most one per CPU."""
-    return min(config.jobs, n_methods) if config.jobs else default_jobs(n_methods)
-
-
-def parallel_summary(runs, jobs):
-    """How the methods ran: jobs processes; with jobs > 1 each method's process's CPU and wall seconds
-    (evaluations and diagnostics included; the parent's provenance cpu_seconds does not count them)."""
-    out = {"jobs": int(jobs), "mode": "parallel processes" if jobs > 1 else "one process, interleaved slices"}
-    if jobs > 1:
-        out["process_cpu_seconds"] = {r.name: round(r.child_seconds[0], 3) for r in runs}
-        out["process_wall_seconds"] = {r.name: round(r.child_seconds[1], 3) for r in runs}
-    return out
+def method_processes(jobs, runs):
+    """The results' "parallel" record of methods run by run_methods (interleaved in one process when jobs is 1)."""
+    return parallel_summary(jobs, {r.name: r.child_seconds for r in runs} if jobs > 1 else {},
+                            "one process, interleaved slices")
 
 
 # ---------------------------------------------------------------------------------- unrolled baseline
@@ -343,7 +335,7 @@ def run(config, data):
         runs[method] = BudgetedRun(state, step, evaluate, Budget(seconds, config.iters, eval_every, log_every),
                                    method, print)
         attach(runs[method])
-    jobs = resolve_jobs(config, len(METHODS))
+    jobs = resolve_jobs(config.jobs, len(METHODS))
     curves = dict(zip(METHODS, run_methods([runs[m] for m in METHODS], jobs, config.slice_seconds,
                                            final_diagnostic(diags)), strict=True))
     for method in METHODS:  # the diagnostics recorded where the method ran
@@ -357,7 +349,7 @@ def run(config, data):
         "reference": {"lambda": config.init_lambda, **reference},
         "split_sensitivity": sensitivity,
         "steps_committed_run": COMMITTED_STEPS,
-        "parallel": parallel_summary([runs[m] for m in METHODS], jobs),
+        "parallel": method_processes(jobs, [runs[m] for m in METHODS]),
     }
     arrays = {}
     for method in METHODS:
@@ -567,6 +559,48 @@ def plot_published(summary, arrays, out_dir):
     return finish_figure(fig, NAME, out_dir)
 
 
+DIAG_COLOURS = {"hyper": "C3", "unrolled": "C0", "exact": "C2"}  # one colour per method in the diagnostics
+
+
+def draw_direction_panels(axes, summary, arrays, methods, x_key, x_label, symbol):
+    """Panels (a)-(c) of a per-weight-decay diagnostics figure (2 x 2 axes): each method's cosine with the exact
+    hypergradient and ||lambda - lambda_0||_2 against arrays[f"{m}_{x_key}"], and the distribution of
+    lambda_j - lambda_0 at the end; symbol is the LaTeX of lambda in the labels."""
+    ax = axes[0, 0]
+    for m in methods:
+        ax.plot(arrays[f"{m}_{x_key}"], arrays[f"{m}_cosine"], "o-", ms=3, color=DIAG_COLOURS[m],
+                label=f"{METHOD_NAMES[m]} (mean {summary[m]['cosine']['mean']:+.3f})")
+    ax.axhline(0.0, color="0.5", linewidth=0.8)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("cosine with exact hypergradient")
+    ax.set_title("(a) hypergradient direction vs implicit differentiation", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+    ax = axes[0, 1]
+    for m in methods:
+        moved = arrays[f"{m}_lambda_shift"] > 0  # lambda_0 itself has no place on a log axis
+        ax.plot(arrays[f"{m}_{x_key}"][moved], arrays[f"{m}_lambda_shift"][moved], "o-", ms=3,
+                color=DIAG_COLOURS[m], label=METHOD_NAMES[m])
+    ax.set_yscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(rf"$\|{symbol} - {symbol}_0\|_2$")
+    ax.set_title(rf"(b) how far ${symbol}$ moved", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+    ax = axes[1, 0]
+    deltas = {m: arrays[f"{m}_lambda"] - summary["reference"]["lambda"] for m in methods}
+    span = max(max(float(np.max(np.abs(d))) for d in deltas.values()), 1e-6)
+    bins = np.linspace(-span, span, 61)
+    for m in methods:
+        ax.hist(deltas[m], bins=bins, histtype="step", color=DIAG_COLOURS[m], linewidth=1.3,
+                label=f"{METHOD_NAMES[m]} (mean |.| {summary[m]['lambda_shift']['mean_abs']:.2g})")
+    ax.axvline(0.0, color="0.5", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel(rf"${symbol}_j - {symbol}_0$ at the end ({deltas[methods[0]].size:,} weights)")
+    ax.set_ylabel("count")
+    ax.set_title(rf"(c) distribution of ${symbol}_j - {symbol}_0$ over the weights", fontsize=13)
+    ax.legend(frameon=False, fontsize=11)
+
+
 def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
     """Companion figure: (a) cosine with the exact hypergradient, (b) ||lambda - lambda_0||, (c) distribution of
     lambda_j - lambda_0 at the end, (d) the three methods' losses and the fixed-lambda reference."""
@@ -576,40 +610,7 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    colours = {"hyper": "C3", "unrolled": "C0", "exact": "C2"}
-    ax = axes[0, 0]
-    for m in METHODS:
-        ax.plot(arrays[f"{m}_diag_seconds"], arrays[f"{m}_cosine"], "o-", ms=3, color=colours[m],
-                label=f"{METHOD_NAMES[m]} (mean {summary[m]['cosine']['mean']:+.3f})")
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel("CPU seconds")
-    ax.set_ylabel("cosine with exact hypergradient")
-    ax.set_title("(a) hypergradient direction vs implicit differentiation", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
-    ax = axes[0, 1]
-    for m in METHODS:
-        moved = arrays[f"{m}_lambda_shift"] > 0  # lambda_0 itself has no place on a log axis
-        ax.plot(arrays[f"{m}_diag_seconds"][moved], arrays[f"{m}_lambda_shift"][moved], "o-", ms=3, color=colours[m],
-                label=METHOD_NAMES[m])
-    ax.set_yscale("log")
-    ax.set_xlabel("CPU seconds")
-    ax.set_ylabel(r"$\|\lambda - \lambda_0\|_2$")
-    ax.set_title(r"(b) how far $\lambda$ moved", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
-    ax = axes[1, 0]
-    lam0 = summary["reference"]["lambda"]
-    deltas = {m: arrays[f"{m}_lambda"] - lam0 for m in METHODS}
-    span = max(max(np.max(np.abs(d)) for d in deltas.values()), 1e-6)
-    bins = np.linspace(-span, span, 61)
-    for m in METHODS:
-        ax.hist(deltas[m], bins=bins, histtype="step", color=colours[m], linewidth=1.3,
-                label=f"{METHOD_NAMES[m]} (mean |.| {summary[m]['lambda_shift']['mean_abs']:.2g})")
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$\lambda_j - \lambda_0$ at the end (7,850 weights)")
-    ax.set_ylabel("count")
-    ax.set_title(r"(c) distribution of $\lambda_j - \lambda_0$ over the weights", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
+    draw_direction_panels(axes, summary, arrays, METHODS, "diag_seconds", "CPU seconds", r"\lambda")
     ax = axes[1, 1]
     for m in METHODS:
         for split in ("valid", "test"):

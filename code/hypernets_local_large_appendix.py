@@ -34,7 +34,7 @@ import numpy as np
 import common
 import hypernets_local_large as large
 import references as refs
-from budget import Budget, BudgetedRun, run_methods, time_to_reach
+from budget import Budget, BudgetedRun, resolve_jobs, run_methods, time_to_reach
 from common import Claim, ExperimentError, check_finite, setting, step_rng
 from neural_network import LOG_SIGMA_CONST, num_params
 from per_weight_decay import hypernet_size
@@ -181,7 +181,7 @@ def run(config, data):
     r0, r_step, r_eval = make_random_search(splits, config)
     random = BudgetedRun(r0, r_step, r_eval, Budget(seconds, config.iters, 1, config.random_log_every),
                          "random", print)
-    jobs = large.resolve_jobs(config, len(METHODS))
+    jobs = resolve_jobs(config.jobs, len(METHODS))
     curves = dict(zip(METHODS, run_methods([hyper, random], jobs, config.slice_seconds,
                                            large.final_diagnostic({"hyper": diag})), strict=True))
     diag.rows = hyper.extra  # recorded where hyper-training ran
@@ -207,7 +207,7 @@ def run(config, data):
         "hyper": h,
         "random": r,
         "hyper_seconds_to_random_best": time_to_reach(curves["hyper"], r["final_valid"]),
-        "parallel": large.parallel_summary([hyper, random], jobs),
+        "parallel": large.method_processes(jobs, [hyper, random]),
     }
     arrays = {f"{m}_{field}": np.asarray(getattr(curves[m], field)) for m in METHODS for field in curves[m]._fields}
     arrays.update(d)
@@ -344,37 +344,8 @@ def plot_diagnostics(summary, arrays, out_dir, name=f"{NAME}_diagnostics"):
 
     set_paper_style(font_size=13)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    h, colour = summary["hyper"], "C3"
-    steps = arrays["hyper_diag_step"]
-    ax = axes[0, 0]
-    ax.plot(steps, arrays["hyper_cosine"], "o-", ms=3, color=colour,
-            label=f"{large.METHOD_NAMES['hyper']} (mean {h['cosine']['mean']:+.3f})")
-    ax.axhline(0.0, color="0.5", linewidth=0.8)
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_xlabel(r"$\hat\lambda$ steps")
-    ax.set_ylabel("cosine with exact hypergradient")
-    ax.set_title("(a) hypergradient direction vs implicit differentiation", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
-    ax = axes[0, 1]
-    moved = arrays["hyper_lambda_shift"] > 0  # lambda_hat_0 itself has no place on a log axis
-    ax.plot(steps[moved], arrays["hyper_lambda_shift"][moved], "o-", ms=3, color=colour,
-            label=large.METHOD_NAMES["hyper"])
-    ax.set_yscale("log")
-    ax.set_xlabel(r"$\hat\lambda$ steps")
-    ax.set_ylabel(r"$\|\hat\lambda - \hat\lambda_0\|_2$")
-    ax.set_title(r"(b) how far $\hat\lambda$ moved", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
-    ax = axes[1, 0]
-    delta = arrays["hyper_lambda"] - summary["reference"]["lambda"]
-    span = max(float(np.max(np.abs(delta))), 1e-6)
-    ax.hist(delta, bins=np.linspace(-span, span, 61), histtype="step", color=colour, linewidth=1.3,
-            label=f"{large.METHOD_NAMES['hyper']} (mean |.| {h['lambda_shift']['mean_abs']:.2g})")
-    ax.axvline(0.0, color="0.5", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel(rf"$\hat\lambda_j - \hat\lambda_0$ at the end ({delta.size:,} weights)")
-    ax.set_ylabel("count")
-    ax.set_title(r"(c) distribution of $\hat\lambda_j - \hat\lambda_0$ over the weights", fontsize=13)
-    ax.legend(frameon=False, fontsize=11)
+    large.draw_direction_panels(axes, summary, arrays, ("hyper",), "diag_step", r"$\hat\lambda$ steps",
+                                r"\hat\lambda")
     ax = axes[1, 1]
     for method, method_name in (("hyper", large.METHOD_NAMES["hyper"]), ("random", "Random search")):
         for split in ("valid", "test"):

@@ -15,9 +15,11 @@ No generator returns are used (joblib's Ray backend rejects return_as="generator
 waves of WAVE_PER_WORKER tasks per worker, and on_result reports each wave in chunk order.
 """
 import contextlib
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
-from common import ExperimentError
+from common import ExperimentError, blas_limited
 
 BACKENDS = ("local", "dask")
 CONNECT_TIMEOUT_SECONDS = 5       # an unreachable scheduler fails this fast, as one line
@@ -49,14 +51,8 @@ def blas_threads():
 def run_chunk(fn, chunk, shared, label=None):
     """fn(chunk, shared) with one BLAS thread, checked (this runs inside the worker); errors name the chunk by
     label (default: the chunk itself)."""
-    from threadpoolctl import threadpool_limits
-
     label = chunk if label is None else label
-    with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
-        wrong = {k: n for k, n in blas_threads().items() if n != BLAS_THREADS}
-        if wrong:
-            raise ExperimentError(f"chunk {label}: BLAS still uses {wrong} threads on its worker "
-                                  f"(need {BLAS_THREADS})")
+    with blas_limited(BLAS_THREADS, f"chunk {label} on its worker"):
         try:
             return fn(chunk, shared)
         except (ExperimentError, MemoryError):
@@ -99,6 +95,14 @@ def check_imports(client, scheduler, modules):
         except ImportError as err:
             raise ExperimentError(f"the dask {where} at {scheduler} cannot import this project's code ({err}); "
                                   f"start them with code/ on PYTHONPATH") from None
+
+
+def _module_name(fn):
+    """The importable module of fn: a script run as __main__ is imported on the workers by its file name."""
+    if fn.__module__ != "__main__":
+        return fn.__module__
+    main = sys.modules["__main__"]
+    return Path(getattr(main, "__file__", "__main__")).stem
 
 
 def _waves(chunks, size):
@@ -187,7 +191,7 @@ class ChunkPool:
         self._stack.callback(_close_client, client)
         self.workers, self.remote = wait_for_workers(client, self.scheduler), True
         self._client = client
-        self._modules = {"scaleout", "common"}
+        self._checked = set()  # modules the scheduler and workers were checked to import
         self._stack.enter_context(joblib.parallel_config(backend="dask", client=client, scatter=[self.shared]))
         self._parallel = self._stack.enter_context(joblib.Parallel(n_jobs=-1, return_as="list", batch_size=1,
                                                                    pre_dispatch="all"))
@@ -211,10 +215,10 @@ class ChunkPool:
         import joblib
 
         with _dask_errors(self.scheduler):
-            modules = {fn.__module__} - {"__main__"} - self._modules
+            modules = {"scaleout", "common", _module_name(fn)} - self._checked
             if modules:  # checked once per module (a cluster without code/ would otherwise hang)
-                check_imports(self._client, self.scheduler, sorted(self._modules | modules))
-                self._modules |= modules
+                check_imports(self._client, self.scheduler, sorted(modules))
+                self._checked |= modules
             results = []
             for start, wave in _waves(chunks, self.workers * WAVE_PER_WORKER):
                 out = self._parallel(joblib.delayed(run_chunk)(fn, chunk, self.shared, start + k)

@@ -339,10 +339,10 @@ def test_jobs_default_to_one_process_per_method_at_most_one_per_cpu(monkeypatch)
     import forked
 
     monkeypatch.setattr(forked, "available_cpus", lambda: 2)
-    assert large.resolve_jobs(large.Config(), 3) == 2 and large.resolve_jobs(large.Config(jobs=1), 3) == 1
-    assert large.resolve_jobs(large.Config(jobs=8), 3) == 3
+    assert large.resolve_jobs(0, 3) == 2 and large.resolve_jobs(1, 3) == 1
+    assert large.resolve_jobs(8, 3) == 3
     monkeypatch.setattr(forked, "available_cpus", lambda: 16)
-    assert large.resolve_jobs(large.Config(), 3) == 3
+    assert large.resolve_jobs(0, 3) == 3
 
 
 def test_paper_budgets_select_the_papers_seconds():
