@@ -31,6 +31,7 @@ import references as ref
 import texfmt
 from budget import Budget, run_budgeted
 from common import ExperimentError, check_finite, setting, step_rng
+from hypernets_local_large import COSINE_ALIGNED, COSINE_ZERO  # the verdicts' cosine bands
 from neural_network import init_hypernet, num_params
 from optimizers import adam_init, adam_inplace
 from per_weight_decay import STREAM_SAMPLES, STREAM_TRAIN_BATCH, STREAM_VALID_BATCH, minibatch
@@ -80,8 +81,6 @@ VARIANTS = (
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
 # Verdict thresholds (named here, used by CLAIMS)
-COSINE_ZERO = 0.1    # |mean cosine| below this: the hypernetwork's direction is unrelated to the true one
-COSINE_ALIGNED = 0.5  # mean cosine above this: it points along the true hypergradient
 GAIN_MIN = 2e-4      # MSE: a validation gain over the fixed-lambda reference smaller than this is no tuning
 # (about 0.5% of the level 0.041, ten times the spread of the hypernetwork's curve between evaluations)
 EXACT_EVAL_EVERY = 5  # exact-hypergradient descent steps between evaluations (each costs about one step)

@@ -132,19 +132,25 @@ def test_lambda_summary():
     assert s["percentiles"]["50"] == pytest.approx(0.0) and s["mean_abs"] == pytest.approx(0.075)
 
 
-def diag_summary(cosines):
-    return {"models": {name: {"diagnostics": {"cosine_mean": c}}
+def diag_summary(cosines, half=0.9):
+    """A summary with the given mean cosines per model and trained checkpoints whose CG half-way cosine is half."""
+    rows = [{"step": 0}, {"step": 10, "half_cosine": half}]
+    return {"models": {name: {"diagnostics": {"cosine_mean": c, "checkpoints": rows}}
                        for name, c in zip(("784-10", "784-100-10", "784-100-100-10"), cosines, strict=True)}}
 
 
 def test_direction_claim_follows_the_cosines():
     claim = {c.id: c for c in layers.CLAIMS}["layers-direction"]
-    zero = layers.large.COSINE_ZERO
+    zero, aligned = layers.large.COSINE_ZERO, layers.large.COSINE_ALIGNED
     assert claim.evaluate(diag_summary([0.9, 0.02, -0.03]))[1] == "refuted"  # the linear model does not count
     assert claim.evaluate(diag_summary([0.0, -0.5, -0.3]))[1] == "refuted"   # pointing uphill
     assert claim.evaluate(diag_summary([0.0, 0.5, 0.02]))[1] == "partly"
-    value, verdict = claim.evaluate(diag_summary([0.0, zero, 0.6]))
-    assert verdict == "reproduced" and value == f"{zero:+.3f} / +0.600"
+    assert claim.evaluate(diag_summary([0.0, zero, aligned]))[1] == "partly"    # aligned is above zero only
+    assert claim.evaluate(diag_summary([0.0, zero, zero]))[1] == "refuted"      # the bands are strict
+    value, verdict = claim.evaluate(diag_summary([0.0, 0.6, aligned + 0.1]))
+    assert verdict == "reproduced" and value == f"+0.600 / {aligned + 0.1:+.3f}"
+    # an unstable reference direction cannot refute: the diagnostic could not tell
+    assert claim.evaluate(diag_summary([0.0, 0.02, -0.03], half=0.5))[1] == "not reproduced"
 
 
 def test_quick_run_records_diagnostics_and_draws_the_companion(tmp_path, capsys):
