@@ -216,3 +216,20 @@ def test_medium_baseline_batches_on_the_cluster_are_bit_identical_to_jobs_1(clus
         a.pop("runtime_seconds"), b.pop("runtime_seconds")
         assert a == b
     assert local["rescored"] == dask["rescored"]  # the best lambdas, retrained alike
+
+
+def test_a_script_run_as_main_is_checked_by_its_file_name(monkeypatch):
+    """A chunk function defined in a script run as `python script.py` lives in __main__; the import check must
+    still name a module the workers can import (it used to skip the check altogether)."""
+    import types
+
+    fake_main = types.ModuleType("__main__")
+    fake_main.__file__ = "/somewhere/code/hypernets_local_medium.py"
+    monkeypatch.setitem(sys.modules, "__main__", fake_main)
+
+    def chunk_fn(chunk, shared):
+        return chunk
+
+    chunk_fn.__module__ = "__main__"
+    assert scaleout._module_name(chunk_fn) == "hypernets_local_medium"
+    assert scaleout._module_name(calls_and_pid) == calls_and_pid.__module__
