@@ -153,13 +153,17 @@ def test_control_is_plain_training_on_the_hypernetworks_minibatches(splits):
     assert valid == pytest.approx(mse_loss(SIZES)(w, splits.valid_x, splits.valid_y)[0], rel=1e-9)
 
 
+TRUSTED_CHECKPOINTS = [dict(step=0), dict(step=10, half_cosine=0.9)]  # a stable reference direction
+
+
 def summary_with(hyper, control, converged_start, hand=0.02):
     """A minimal summary for the claims: per model final valid/test, control valid, hand-tuned levels."""
     models = {}
     for name, h, c, s in zip(("784-10", "784-100-10", "784-100-100-10"), hyper, control, converged_start, strict=True):
         models[name] = dict(final_valid=h, final_test=h + 0.001, control_valid_minus_final_valid=c - h,
                             final_valid_minus_hand_tuned_valid=h - hand,
-                            hand_tuned=dict(best_valid=hand, start_lambda_valid=s), diagnostics=dict(cosine_mean=0.0))
+                            hand_tuned=dict(best_valid=hand, start_lambda_valid=s),
+                            diagnostics=dict(cosine_mean=0.0, checkpoints=TRUSTED_CHECKPOINTS))
     return {"models": models}
 
 
